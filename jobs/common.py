@@ -1,0 +1,50 @@
+"""What every job shares: connecting to Ray and turning user errors into one clear line."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from pipeline.config import parse
+from pipeline.storage import UserError
+
+T = TypeVar("T")
+
+
+def connect_ray(num_cpus: int | None = None) -> None:
+    """Attach to the cluster in RAY_ADDRESS, or start a local Ray in-process.
+
+    `num_cpus` only applies to a local Ray (a cluster has its own resources). Progress
+    bars are switched off under CI, where they would flood the log.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    if os.environ.get("CI"):
+        ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(config_cls: type[T], run: Callable[[T], object], doc: str, argv: list[str] | None = None) -> None:
+    """Parse the config, run the job, and map user errors to one line + exit status 2."""
+    prog = "python -m " + run.__module__
+    try:
+        config = parse(config_cls, argv, prog=prog, description=doc)
+        run(config)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

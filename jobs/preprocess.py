@@ -1,0 +1,162 @@
+"""Preprocess a corpus: vocabulary with counts, and sampled contexts per word in buckets.
+
+    python -m jobs.preprocess --corpus data/corpus/ --output out/preprocessed
+    python -m jobs.preprocess --corpus s3://bucket/corpus/*.txt.gz --output s3://bucket/pre
+    python -m jobs.preprocess --corpus data/corpus --words my_words.txt --output out/my-words
+
+Writes to --output: `vocab.parquet` (word, count) and `train.vwcN` text files;
+`contexts/bucket-XXXXX.parquet` (word, count, contexts) for every word with count >=
+min_count_target (or, with --words, for every word in that file, any count); and
+`manifest.json` last, which accounts for every input line.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pyarrow.compute as pc
+
+from jobs.common import connect_ray, log, main
+from pipeline import contexts, corpus, manifest, storage, vocab
+from pipeline.config import ConfigError, to_dict
+
+
+@dataclass(kw_only=True)
+class PreprocessOptions:
+    """Settings of the preprocessing stage (the part of its config a pipeline preset holds)."""
+
+    min_count_target: int = 100
+    """Words occurring at least this often get contexts (training targets)."""
+    num_buckets: int = 25
+    """Number of parquet buckets the target words are split into (stable hash of the word)."""
+    max_contexts_per_word: int = 1000
+    """At most this many distinct contexts per word: a uniform, seeded sample of them."""
+    context_window: int = 25
+    """A context is up to this many tokens either side of the word, within its sentence."""
+    lowercase: bool = True
+    """Lowercase the corpus before tokenising (switch off for cased models)."""
+    oversample: float = 2.0
+    """Occurrences kept per word before dedup, as a multiple of max_contexts_per_word."""
+    seed: int = 1234
+    """Seed of the context sample; the same seed and corpus give the same output."""
+    max_line_bytes: int = 1_000_000
+    """Lines longer than this (bytes) are skipped and counted as too_long."""
+    split_mb: float = 16.0
+    """Uncompressed files are read in parallel in byte ranges of about this many MB."""
+
+    def __post_init__(self) -> None:
+        for name in ("min_count_target", "num_buckets", "max_contexts_per_word", "context_window",
+                     "max_line_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.oversample < 1:
+            raise ConfigError(f"--oversample must be >= 1 (a multiple of the cap), got {self.oversample}")
+        if self.split_mb <= 0:
+            raise ConfigError(f"--split_mb must be > 0, got {self.split_mb}")
+
+
+@dataclass(kw_only=True)
+class PreprocessConfig(PreprocessOptions):
+    """Preprocess a corpus into a vocabulary and per-word context buckets."""
+
+    corpus: str
+    """Corpus URI: a file, a directory/prefix or a glob of .txt/.gz/.bz2/.zst files (local, s3://, gs://, http)."""
+    output: str
+    """Output URI (local directory, s3://, gs://)."""
+    words: str | None = None
+    """Optional file of words (one per line): collect contexts for exactly these, any count."""
+    overwrite: bool = False
+    """Recompute even if --output already holds a complete result."""
+    num_cpus: int | None = None
+    """CPUs of a local Ray (ignored when attaching to a cluster through RAY_ADDRESS)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.corpus:
+            raise ConfigError("--corpus is empty; give a file, directory, glob or s3:// URI")
+        if not self.output:
+            raise ConfigError("--output is empty; give a local directory or an s3:// URI")
+        if self.output.rstrip("/") == self.corpus.rstrip("/"):
+            raise ConfigError("--output must differ from --corpus, or the corpus would be overwritten")
+
+
+def read_words(uri: str, lowercase: bool) -> list[str]:
+    """The words of a `--words` file (one per line; blank lines ignored, duplicates merged)."""
+    try:
+        text = storage.read_text(uri)
+    except UnicodeDecodeError:
+        raise ConfigError(f"--words {storage.redact(uri)}: not UTF-8 text; save it as UTF-8") from None
+    words = [w.strip() for w in text.splitlines() if w.strip()]
+    words = [w.lower() for w in words] if lowercase else words
+    if not words:
+        raise ConfigError(f"--words {storage.redact(uri)}: the file holds no words; put one word per line")
+    return list(dict.fromkeys(words))
+
+
+def preprocess(config: PreprocessConfig) -> dict:
+    """Run the stage; returns its manifest."""
+    output = config.output
+    if not manifest.prepare(output, config.overwrite):
+        log(f"preprocess: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
+        return manifest.read(output)
+    started = time.time()
+    files = storage.list_files(config.corpus)
+    if not files:
+        raise storage.StorageError(f"--corpus {storage.redact(config.corpus)}: no input files found; "
+                                   "check the path or glob")
+    words = read_words(config.words, config.lowercase) if config.words else None
+    splits = corpus.make_splits(files, int(config.split_mb * (1 << 20)))
+    log(f"preprocess: {len(files)} files, {sum(max(f.size, 0) for f in files) / 1e6:.1f} MB, {len(splits)} splits")
+    connect_ray(config.num_cpus)
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    t0 = time.time()
+    counts, lines, tokens = vocab.count_vocab(splits, config.lowercase, config.max_line_bytes,
+                                              num_partitions=min(cpus, 8))
+    count_s = time.time() - t0
+    vocab_files = vocab.write_vocab(counts, output, [0, config.min_count_target])
+    log(f"preprocess: {lines.read} lines ({lines.used} used), {tokens} tokens, {counts.num_rows} words "
+        f"in {count_s:.1f}s")
+
+    if words is None:
+        chosen = counts.filter(pc.greater_equal(counts["count"], config.min_count_target))
+        chosen = chosen.filter(pc.not_equal(chosen["word"], corpus.SENTENCE_END))
+        target_words, target_counts = chosen["word"].to_pylist(), chosen["count"].to_numpy()
+    else:
+        known = dict(zip(counts["word"].to_pylist(), counts["count"].to_pylist()))
+        target_words, target_counts = words, [known.get(w, 0) for w in words]
+    targets = contexts.targets_table(target_words, target_counts, config.num_buckets,
+                                     config.max_contexts_per_word, config.oversample)
+
+    t0 = time.time()
+    buckets = contexts.build_buckets(
+        splits, targets, output, num_buckets=config.num_buckets, cap=config.max_contexts_per_word,
+        lowercase=config.lowercase, max_line_bytes=config.max_line_bytes, window=config.context_window,
+        seed=config.seed, num_actors=cpus, num_partitions=min(cpus, config.num_buckets))
+    sample_s = time.time() - t0
+    n_contexts = sum(b["contexts"] for b in buckets)
+    without = sum(b["words_without_contexts"] for b in buckets)
+    log(f"preprocess: {targets.num_rows} target words, {n_contexts} contexts in {config.num_buckets} buckets "
+        f"in {sample_s:.1f}s")
+    if without:
+        log(f"preprocess: warning: {without} words have no context in the corpus (kept with an empty list)")
+
+    result = manifest.write(
+        output, "preprocess", to_dict(config), started,
+        mode="words" if words is not None else "train",
+        input_files=[{"uri": storage.redact(f.uri), "size": f.size} for f in files],
+        lines=lines.as_dict(), tokens=tokens, words=counts.num_rows,
+        target_words=targets.num_rows, contexts_written=n_contexts, words_without_contexts=without,
+        files={"vocab": [storage.redact(u) for u in vocab_files],
+               "contexts": [storage.redact(contexts.bucket_uri(output, b)) for b in range(config.num_buckets)]},
+        buckets=buckets, timings={"count_s": round(count_s, 3), "sample_s": round(sample_s, 3)},
+        ray={"cpus": cpus})
+    log(f"preprocess: done in {result['wall_time_s']:.1f}s -> {storage.redact(output)}")
+    return result
+
+
+if __name__ == "__main__":
+    main(PreprocessConfig, preprocess, __doc__)

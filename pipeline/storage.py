@@ -1,0 +1,264 @@
+"""One place that turns a URI into readers, writers and a filesystem.
+
+Every input and output of the pipeline is a URI:
+
+* a local path (`data/corpus`, `/abs/path`, `file:///abs/path`);
+* `s3://bucket/key` — AWS S3, or any S3-compatible store when `AWS_ENDPOINT_URL`
+  (or `AWS_ENDPOINT_URL_S3`) names its endpoint, e.g. `http://127.0.0.1:9000`;
+* `gs://bucket/key` — Google Cloud Storage;
+* `http://` / `https://` — read only.
+
+Credentials come from the standard provider chains (environment, config files,
+instance roles) and never appear in messages: `redact()` strips them from URIs.
+
+Streaming reads go through `smart_open`, which decompresses `.gz`, `.bz2` and `.zst`
+transparently; Ray Data and Ray Train get a `pyarrow.fs.FileSystem` from `filesystem()`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow.fs as pafs
+
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class UserError(Exception):
+    """An error the user can fix; jobs print its message as one line and exit with status 2."""
+
+
+class StorageError(UserError):
+    """A URI that cannot be read or written: missing, unreachable, or not allowed."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A file found under a URI: its full URI and size in bytes."""
+
+    uri: str
+    size: int
+
+
+def scheme(uri: str) -> str:
+    """`''` for local paths, else the lower-case URI scheme (`s3`, `gs`, `http`, ...)."""
+    parsed = urlsplit(uri)
+    # A Windows drive letter or a bare path has no real scheme.
+    return parsed.scheme.lower() if len(parsed.scheme) > 1 else ""
+
+
+def is_local(uri: str) -> bool:
+    return scheme(uri) in ("", "file")
+
+
+def local_path(uri: str) -> str:
+    """The filesystem path of a local URI (`file://` stripped)."""
+    return urlsplit(uri).path if scheme(uri) == "file" else uri
+
+
+def redact(uri: str) -> str:
+    """The URI without user:password@ or query-string secrets, safe to print and to store."""
+    parsed = urlsplit(uri)
+    if not parsed.scheme or (not parsed.username and not parsed.query):
+        return uri
+    host = parsed.hostname or ""
+    if parsed.port:
+        host = f"{host}:{parsed.port}"
+    return urlunsplit((parsed.scheme, host, parsed.path, "", ""))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with `/`, keeping the scheme and bucket."""
+    if is_local(uri):
+        return os.path.join(local_path(uri), *parts)
+    return posixpath.join(uri.rstrip("/"), *parts)
+
+
+def s3_endpoint() -> str | None:
+    """The custom S3 endpoint from the environment, if any (S3-compatible stores)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A `pyarrow.fs` filesystem for `uri` and the path inside it (for Ray Data / Ray Train)."""
+    kind = scheme(uri)
+    if kind in ("", "file"):
+        return pafs.LocalFileSystem(), os.path.abspath(local_path(uri))
+    parsed = urlsplit(uri)
+    path = (parsed.netloc + parsed.path).rstrip("/")
+    if kind == "s3":
+        kwargs: dict[str, Any] = {"connect_timeout": 10, "request_timeout": 60,
+                                  "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
+        endpoint = s3_endpoint()
+        if endpoint:
+            ep = urlsplit(endpoint)
+            kwargs.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs), path
+    if kind == "gs":
+        return pafs.GcsFileSystem(), path
+    raise StorageError(f"{redact(uri)}: scheme '{kind}://' cannot be listed or written; "
+                       "use a local path, s3:// or gs:// (http(s):// is for single-file reads)")
+
+
+def _transport_params(uri: str) -> dict[str, Any]:
+    if scheme(uri) != "s3":
+        return {}
+    import boto3
+    from botocore.config import Config
+
+    # Fail fast on an unreachable endpoint instead of retrying for minutes.
+    config = Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
+    return {"client": boto3.client("s3", endpoint_url=s3_endpoint(), config=config)}
+
+
+def _explain(uri: str, exc: BaseException) -> StorageError:
+    """Turn a low-level I/O exception into one line that names the cause and the fix."""
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    where = redact(uri)
+    lowered = text.lower()
+    if isinstance(exc, FileNotFoundError) or "nosuchkey" in lowered or "not found" in lowered or "404" in lowered:
+        return StorageError(f"{where}: not found; check the path or URI")
+    if "nosuchbucket" in lowered:
+        return StorageError(f"{where}: the bucket does not exist; create it or fix the URI")
+    if any(s in lowered for s in ("connect", "endpoint", "timed out", "timeout", "resolve", "unreachable")):
+        endpoint = s3_endpoint() if scheme(uri) == "s3" else None
+        hint = f" at {endpoint}" if endpoint else ""
+        return StorageError(f"{where}: storage unreachable{hint} ({text}); check the network and "
+                            "AWS_ENDPOINT_URL / credentials")
+    if any(s in lowered for s in ("accessdenied", "forbidden", "403", "credentials", "permission")):
+        return StorageError(f"{where}: access denied ({text}); check the credentials and permissions")
+    return StorageError(f"{where}: {text}")
+
+
+def open_read(uri: str, compression: str = "infer", offset: int = 0) -> IO[bytes]:
+    """A binary stream over `uri`; `.gz/.bz2/.zst` are decompressed unless compression='disable'.
+
+    `offset` seeks before the first read (uncompressed files only).
+    """
+    import smart_open
+
+    mode = "infer_from_extension" if compression == "infer" else "disable"
+    try:
+        stream = smart_open.open(uri, "rb", compression=mode, transport_params=_transport_params(uri))
+        if offset:
+            stream.seek(offset)
+        return stream
+    except Exception as exc:  # noqa: BLE001 - every backend raises its own types
+        raise _explain(uri, exc) from exc
+
+
+def read_bytes(uri: str) -> bytes:
+    with open_read(uri, compression="disable") as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_text(uri))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write `data` to `uri`, creating parent directories; replaces an existing object."""
+    if is_local(uri):
+        path = local_path(uri)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # atomic on one filesystem: readers never see half a file
+        return
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_output_stream(path) as f:  # object stores publish on close: also atomic
+            f.write(data)
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, exc) from exc
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def exists(uri: str) -> bool:
+    if is_local(uri):
+        return os.path.exists(local_path(uri))
+    fs, path = filesystem(uri)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, exc) from exc
+
+
+def delete(uri: str) -> None:
+    """Delete a file or a whole directory/prefix; a missing one is fine."""
+    fs, path = filesystem(uri)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, exc) from exc
+
+
+def make_dirs(uri: str) -> None:
+    if is_local(uri):
+        os.makedirs(local_path(uri), exist_ok=True)
+
+
+def _uri_of(uri: str, fs_path: str) -> str:
+    """Map a path inside the filesystem of `uri` back to a URI of the same kind."""
+    if is_local(uri):
+        return fs_path
+    return f"{scheme(uri)}://{fs_path}"
+
+
+def list_files(uri: str) -> list[FileInfo]:
+    """Files named by `uri`: one file, everything under a directory/prefix, or a glob.
+
+    Hidden files and `_`-prefixed markers (`_SUCCESS`) are ignored. Sorted by URI, so
+    the order (and every index derived from it) is stable across runs.
+    """
+    if scheme(uri) in ("http", "https"):
+        return [FileInfo(uri, -1)]
+    glob = _GLOB_CHARS.search(uri)
+    base = uri[:glob.start()].rsplit("/", 1)[0] if glob else uri
+    fs, base_path = filesystem(base or ".")
+    try:
+        info = fs.get_file_info(base_path)
+        if info.type == pafs.FileType.File and not glob:
+            return [FileInfo(uri, info.size)]
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(base_path)
+        infos = fs.get_file_info(pafs.FileSelector(base_path, recursive=True))
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, exc) from exc
+    files = []
+    for item in infos:
+        if item.type != pafs.FileType.File or item.base_name.startswith((".", "_")):
+            continue
+        full = _uri_of(uri, item.path)
+        if glob and not fnmatch.fnmatchcase(full if not is_local(uri) else item.path,
+                                            uri if not is_local(uri) else os.path.abspath(local_path(uri))):
+            continue
+        files.append(FileInfo(full, item.size))
+    return sorted(files, key=lambda f: f.uri)

@@ -1,0 +1,110 @@
+"""The counting pass: corpus splits → (word, count) for every token, on Ray Data.
+
+Each Ray Data task reads one split, tokenises it in Arrow and counts its tokens
+(`pc.value_counts`, a combiner: the shuffle carries distinct words, not occurrences);
+a hash-partitioned `groupby("word").sum()` adds the partial counts. Line statistics
+travel in the same rows under keys that start with a space — a token never contains
+whitespace, so they cannot collide with a word.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import storage
+from pipeline.corpus import SKIP_REASONS, LineStats, Split, decode_lines, read_split, tokenize
+
+_STAT = " stat:"  # prefix of the line-statistics rows; see the module docstring
+VOCAB_SCHEMA = pa.schema([("word", pa.string()), ("count", pa.int64())])
+
+
+def count_tokens(tokens: pa.ListArray) -> pa.Table:
+    """(word, count) for the tokens of a batch of lines."""
+    counts = pc.value_counts(pc.list_flatten(tokens))
+    return pa.table({"word": counts.field("values"), "count": counts.field("counts").cast(pa.int64())})
+
+
+def _stats_rows(stats: LineStats, tokens: int) -> pa.Table:
+    names = ["read", "used", "tokens"] + [f"skipped.{r}" for r in SKIP_REASONS]
+    values = [stats.read, stats.used, tokens] + [stats.skipped[r] for r in SKIP_REASONS]
+    return pa.table({"word": [_STAT + n for n in names], "count": pa.array(values, pa.int64())})
+
+
+def count_split(split: Split, lowercase: bool, max_line_bytes: int) -> pa.Table:
+    """Partial counts of one split, plus its line-statistics rows."""
+    stats, tokens, parts = LineStats(), 0, []
+    for raw_lines, _offsets, too_long in read_split(split, max_line_bytes):
+        lines, _index, chunk_stats = decode_lines(raw_lines, max_line_bytes)
+        chunk_stats.read += too_long
+        chunk_stats.skipped["too_long"] += too_long
+        stats.add(chunk_stats)
+        token_lists = tokenize(lines, lowercase)
+        tokens += len(pc.list_flatten(token_lists))
+        parts.append(count_tokens(token_lists))
+    partial = pa.concat_tables(parts) if parts else VOCAB_SCHEMA.empty_table()
+    if len(parts) > 1:
+        partial = partial.group_by("word").aggregate([("count", "sum")]).rename_columns(["word", "count"])
+    return pa.concat_tables([partial.cast(VOCAB_SCHEMA), _stats_rows(stats, tokens)])
+
+
+def count_splits_batch(batch: pa.Table, lowercase: bool, max_line_bytes: int) -> pa.Table:
+    """Ray Data `map_batches` step: a batch of split rows → partial counts."""
+    return pa.concat_tables([count_split(Split(**row), lowercase, max_line_bytes) for row in batch.to_pylist()])
+
+
+def split_stats(counts: pa.Table) -> tuple[pa.Table, LineStats, int]:
+    """Separate summed counts into (vocab sorted by count desc then word, line stats, tokens)."""
+    is_stat = pc.starts_with(counts["word"], _STAT)
+    stat_rows = dict(zip(counts.filter(is_stat)["word"].to_pylist(), counts.filter(is_stat)["count"].to_pylist()))
+    get = lambda name: int(stat_rows.get(_STAT + name, 0))  # noqa: E731
+    stats = LineStats(read=get("read"), used=get("used"),
+                      skipped={r: get(f"skipped.{r}") for r in SKIP_REASONS})
+    vocab = counts.filter(pc.invert(is_stat)).sort_by([("count", "descending"), ("word", "ascending")])
+    return vocab.select(["word", "count"]).cast(VOCAB_SCHEMA), stats, get("tokens")
+
+
+def count_vocab(splits: list[Split], lowercase: bool, max_line_bytes: int,
+                num_partitions: int) -> tuple[pa.Table, LineStats, int]:
+    """The distributed counting pass. Returns (vocab, line stats, number of tokens)."""
+    import ray
+
+    # --- Ray: one task per split, then a hash-partitioned sum of the partial counts.
+    ds = ray.data.from_items([s.__dict__ for s in splits], override_num_blocks=len(splits))
+    partial = ds.map_batches(count_splits_batch, batch_size=1, batch_format="pyarrow",
+                             fn_kwargs={"lowercase": lowercase, "max_line_bytes": max_line_bytes})
+    summed = partial.groupby("word", num_partitions=num_partitions).sum("count")
+    tables = [t for t in ray.get(summed.to_arrow_refs()) if t.num_rows]
+    # ---
+    counts = pa.concat_tables(tables) if tables else VOCAB_SCHEMA.empty_table()
+    counts = counts.rename_columns(["word", "count"]).cast(VOCAB_SCHEMA)
+    return split_stats(counts)
+
+
+def write_vocab(vocab: pa.Table, output: str, min_counts: list[int]) -> list[str]:
+    """Write `vocab.parquet` and the reference text formats `train.vwcN` (`<word> <count>`)."""
+    import pyarrow.parquet as pq
+
+    written = []
+    uri = storage.join(output, "vocab.parquet")
+    sink = pa.BufferOutputStream()
+    pq.write_table(vocab, sink)
+    storage.write_bytes(uri, sink.getvalue().to_pybytes())
+    written.append(uri)
+    counts = vocab["count"].to_numpy()
+    words = vocab["word"].to_pylist()
+    for n in sorted(set(min_counts)):
+        keep = int(np.searchsorted(-counts, -n, side="right"))  # vocab is sorted by count desc
+        text = "".join(f"{w} {c}\n" for w, c in zip(words[:keep], counts[:keep].tolist()))
+        uri = storage.join(output, f"train.vwc{n}")
+        storage.write_text(uri, text)
+        written.append(uri)
+    return written
+
+
+def read_vocab(preprocessed: str) -> pa.Table:
+    """`vocab.parquet` of a preprocessed output."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(preprocessed, "vocab.parquet"))))
