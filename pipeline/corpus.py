@@ -32,7 +32,7 @@ SENTENCE_END = "."
 #   symbols) | a bare apostrophe.
 _WORD = r"[\p{L}\p{M}\p{N}_]"
 TOKEN_PATTERN = (
-    rf"{_WORD}*\p{{N}}[.,]\p{{N}}[\p{{L}}\p{{M}}\p{{N}}_.,]*"
+    rf"{_WORD}*\p{{N}}(?:[.,]\p{{N}}+)+{_WORD}*"
     r"|\b\p{L}\.(?:\p{L}\.)+"
     r"|(?i:n't)\b|'(?i:s|re|ve|ll|d|m)\b"
     r"|[^\p{L}\p{M}\p{N}_\s']|'"

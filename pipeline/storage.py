@@ -141,6 +141,29 @@ def _explain(uri: str, exc: BaseException) -> StorageError:
     return StorageError(f"{where}: {text}")
 
 
+def _open_zstd(file_obj: IO[bytes], mode: str) -> IO[bytes]:
+    import io
+
+    import zstandard
+
+    if "r" not in mode:
+        raise StorageError("writing .zst through storage.open_read is not supported")
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(file_obj, closefd=True))
+
+
+_zstd_registered = False
+
+
+def _register_zstd() -> None:
+    """Decompress `.zst` with `zstandard` (smart_open's own handler needs Python 3.14's zstd)."""
+    global _zstd_registered
+    if not _zstd_registered:
+        import smart_open
+
+        smart_open.register_compressor(".zst", _open_zstd)
+        _zstd_registered = True
+
+
 def open_read(uri: str, compression: str = "infer", offset: int = 0) -> IO[bytes]:
     """A binary stream over `uri`; `.gz/.bz2/.zst` are decompressed unless compression='disable'.
 
@@ -148,6 +171,7 @@ def open_read(uri: str, compression: str = "infer", offset: int = 0) -> IO[bytes
     """
     import smart_open
 
+    _register_zstd()
     mode = "infer_from_extension" if compression == "infer" else "disable"
     try:
         stream = smart_open.open(uri, "rb", compression=mode, transport_params=_transport_params(uri))
