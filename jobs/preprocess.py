@@ -22,6 +22,10 @@ from pipeline import contexts, corpus, manifest, storage, vocab
 from pipeline.config import ConfigError, to_dict
 
 
+# What this stage writes under --output (top-level names); nothing else is ever deleted.
+OUTPUT_NAMES = ("vocab.parquet", "train.vwc*", "contexts", "_work")
+
+
 @dataclass(kw_only=True)
 class PreprocessOptions:
     """Settings of the preprocessing stage (the part of its config a pipeline preset holds)."""
@@ -77,8 +81,10 @@ class PreprocessConfig(PreprocessOptions):
             raise ConfigError("--corpus is empty; give a file, directory, glob or s3:// URI")
         if not self.output:
             raise ConfigError("--output is empty; give a local directory or an s3:// URI")
-        if self.output.rstrip("/") == self.corpus.rstrip("/"):
-            raise ConfigError("--output must differ from --corpus, or the corpus would be overwritten")
+        out, src = self.output.rstrip("/"), self.corpus.rstrip("/")
+        if out == src or out.startswith(src + "/"):
+            raise ConfigError("--output must not be --corpus or inside it (the output would be read as corpus); "
+                              "choose a location outside the corpus")
 
 
 def read_words(uri: str, lowercase: bool) -> list[str]:
@@ -97,7 +103,7 @@ def read_words(uri: str, lowercase: bool) -> list[str]:
 def preprocess(config: PreprocessConfig) -> dict:
     """Run the stage; returns its manifest."""
     output = config.output
-    if not manifest.prepare(output, config.overwrite):
+    if not manifest.prepare(output, "preprocess", to_dict(config), config.overwrite, OUTPUT_NAMES):
         log(f"preprocess: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
         return manifest.read(output)
     started = time.time()
@@ -114,8 +120,7 @@ def preprocess(config: PreprocessConfig) -> dict:
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
 
     t0 = time.time()
-    counts, lines, tokens = vocab.count_vocab(splits, config.lowercase, config.max_line_bytes,
-                                              num_partitions=min(cpus, 8))
+    counts, lines, tokens = vocab.count_vocab(splits, config.lowercase, config.max_line_bytes)
     count_s = time.time() - t0
     vocab_files = vocab.write_vocab(counts, output, [0, config.min_count_target])
     log(f"preprocess: {lines.read} lines ({lines.used} used), {tokens} tokens, {counts.num_rows} words "
@@ -135,7 +140,7 @@ def preprocess(config: PreprocessConfig) -> dict:
     buckets = contexts.build_buckets(
         splits, targets, output, num_buckets=config.num_buckets, cap=config.max_contexts_per_word,
         lowercase=config.lowercase, max_line_bytes=config.max_line_bytes, window=config.context_window,
-        seed=config.seed, num_actors=cpus, num_partitions=min(cpus, config.num_buckets))
+        seed=config.seed)
     sample_s = time.time() - t0
     n_contexts = sum(b["contexts"] for b in buckets)
     without = sum(b["words_without_contexts"] for b in buckets)

@@ -31,8 +31,9 @@ import pyarrow.compute as pc
 from pipeline import storage
 from pipeline.corpus import SENTENCE_END, Split, decode_lines, read_split, tokenize
 
-SAMPLE_SCHEMA = pa.schema([("bucket", pa.int32()), ("word", pa.string()), ("count", pa.int64()),
-                           ("u", pa.float64()), ("context", pa.string())])
+# A sampled occurrence: `target` is the word's row in the targets table.
+SAMPLE_SCHEMA = pa.schema([("bucket", pa.int32()), ("target", pa.int32()), ("u", pa.float64()),
+                           ("context", pa.string())])
 BUCKET_SCHEMA = pa.schema([("word", pa.string()), ("count", pa.int64()), ("contexts", pa.list_(pa.string()))])
 
 
@@ -69,7 +70,7 @@ def uniform_hash(seed: int, file_id: int, line_offsets: np.ndarray, positions: n
 
 def extract_contexts(tokens: pa.ListArray, line_offsets: np.ndarray, file_id: int, targets: pa.Table,
                      window: int, seed: int) -> pa.Table:
-    """Sampled (bucket, word, u, context) rows for the target occurrences in a batch of lines.
+    """Sampled (bucket, target, u, context) rows for the target occurrences in a batch of lines.
 
     `tokens` holds one token list per line, `line_offsets` each line's byte offset in
     file `file_id` (its stable identity for the hash).
@@ -115,13 +116,11 @@ def extract_contexts(tokens: pa.ListArray, line_offsets: np.ndarray, file_id: in
     lengths = hi - lo
     list_offsets = np.concatenate(([0], np.cumsum(lengths)))
     gather = np.arange(list_offsets[-1]) - np.repeat(list_offsets[:-1] - lo, lengths)
-    windows = pa.ListArray.from_arrays(pa.array(list_offsets.astype(np.int64)).cast(pa.int32())
-                                       if list_offsets[-1] < 2**31 else pa.array(list_offsets),
-                                       words.take(pa.array(gather)))
+    windows = pa.LargeListArray.from_arrays(pa.array(list_offsets), words.take(pa.array(gather)))
     context = pc.binary_join(windows, " ")
-    bucket = targets["bucket"].to_numpy()[index[sel]]
-    return pa.table({"bucket": pa.array(bucket, pa.int32()), "word": words.take(pa.array(sel)),
-                     "count": pa.nulls(len(sel), pa.int64()), "u": u, "context": context}, schema=SAMPLE_SCHEMA)
+    target = index[sel]
+    return pa.table({"bucket": targets["bucket"].to_numpy()[target], "target": target.astype(np.int32),
+                     "u": u, "context": context}, schema=SAMPLE_SCHEMA)
 
 
 def sample_split(split: Split, targets: pa.Table, lowercase: bool, max_line_bytes: int,
@@ -135,47 +134,39 @@ def sample_split(split: Split, targets: pa.Table, lowercase: bool, max_line_byte
     return pa.concat_tables(parts) if parts else SAMPLE_SCHEMA.empty_table()
 
 
-class ContextSampler:
-    """Ray Data actor: holds the target table once, samples contexts for each split row."""
+def select_contexts(samples: pa.Table, targets: pa.Table, bucket: int, cap: int) -> pa.Table:
+    """One bucket → (word, count, contexts): dedup, then each word's `cap` smallest-`u` contexts.
 
-    def __init__(self, targets: pa.Table, lowercase: bool, max_line_bytes: int, window: int, seed: int):
-        self.targets = targets
-        self.kwargs = dict(lowercase=lowercase, max_line_bytes=max_line_bytes, window=window, seed=seed)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.concat_tables([sample_split(Split(**row), self.targets, **self.kwargs)
-                                 for row in batch.to_pylist()])
-
-
-def select_contexts(rows: pa.Table, cap: int) -> pa.Table:
-    """One bucket's rows → (word, count, contexts): dedup, then the `cap` smallest-`u` contexts.
-
-    `rows` mixes sampled rows (with `context`) and one placeholder row per target word
-    (with `count`, no context), so words without any sampled context are kept too.
+    `samples` are the bucket's sampled (target, u, context) rows; every target word of
+    the bucket is in the result, a word without any sampled context with an empty list.
     """
-    has_context = pc.is_valid(rows["context"])
-    words = rows.filter(pc.invert(has_context)).select(["word", "count"])
-    samples = rows.filter(has_context)
-    distinct = samples.group_by(["word", "context"], use_threads=False).aggregate([("u", "min")])
-    ordered = distinct.sort_by([("word", "ascending"), ("u_min", "ascending")])
-    n = ordered.num_rows
-    if n:
-        w = ordered["word"]
-        new_word = np.ones(n, dtype=bool)
-        new_word[1:] = ~pc.equal(w.slice(1), w.slice(0, n - 1)).to_numpy(zero_copy_only=False)
-        starts = np.flatnonzero(new_word)
-        rank = np.arange(n) - starts[np.cumsum(new_word) - 1]
-        ordered = ordered.filter(pa.array(rank < cap))
-    grouped = ordered.group_by("word", use_threads=False).aggregate([("context", "list")])
-    position = pc.index_in(words["word"], value_set=grouped["word"])
-    contexts = grouped["context_list"].take(position)  # null where a word has no context
-    contexts = pc.if_else(pc.is_null(contexts), pa.scalar([], pa.list_(pa.string())), contexts)
-    out = pa.table({"word": words["word"], "count": words["count"], "contexts": contexts}, schema=BUCKET_SCHEMA)
+    members = np.flatnonzero(targets["bucket"].to_numpy() == bucket)
+    # Distinct (target, context) pairs, each with the smallest u among its occurrences.
+    distinct = samples.group_by(["target", "context"], use_threads=False).aggregate([("u", "min")])
+    target = distinct["target"].to_numpy()
+    order = np.lexsort((distinct["u_min"].to_numpy(), target))  # by word, then u
+    target = target[order]
+    new_word = np.ones(len(order), dtype=bool)
+    new_word[1:] = target[1:] != target[:-1]
+    rank = np.arange(len(order)) - np.flatnonzero(new_word)[np.cumsum(new_word) - 1]
+    order, target = order[rank < cap], target[rank < cap]
+    # Rows are grouped by target now: list offsets follow from per-word counts.
+    slot = np.searchsorted(members, target)  # the word's row among the bucket's members
+    offsets = np.concatenate(([0], np.cumsum(np.bincount(slot, minlength=len(members)))))
+    contexts = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                        distinct["context"].take(pa.array(order)).combine_chunks())
+    out = pa.table({"word": targets["word"].take(pa.array(members)),
+                    "count": targets["count"].take(pa.array(members)), "contexts": contexts},
+                   schema=BUCKET_SCHEMA)
     return out.sort_by([("count", "descending"), ("word", "ascending")])
 
 
 def bucket_uri(output: str, bucket: int) -> str:
     return storage.join(output, "contexts", f"bucket-{bucket:05d}.parquet")
+
+
+def fragment_dir(work: str, bucket: int) -> str:
+    return storage.join(work, f"bucket-{bucket:05d}")
 
 
 def write_table(uri: str, table: pa.Table) -> None:
@@ -186,38 +177,88 @@ def write_table(uri: str, table: pa.Table) -> None:
     storage.write_bytes(uri, sink.getvalue().to_pybytes())
 
 
-def finalize_bucket(rows: pa.Table, output: str, cap: int) -> pa.Table:
-    """Ray Data `map_groups` step: select one bucket's contexts and write its parquet file."""
-    bucket = int(rows["bucket"][0].as_py())
-    table = select_contexts(rows, cap)
-    write_table(bucket_uri(output, bucket), table)
-    n_contexts = pc.list_value_length(table["contexts"]).to_numpy(zero_copy_only=False)
-    return pa.table({"bucket": [bucket], "words": [table.num_rows], "contexts": [int(n_contexts.sum())],
-                     "words_without_contexts": [int((n_contexts == 0).sum())]})
+def write_fragment(uri: str, table: pa.Table) -> None:
+    """Intermediate data: Arrow IPC with lz4, much cheaper to write and read than parquet."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as writer:
+        writer.write_table(table)
+    storage.write_bytes(uri, sink.getvalue().to_pybytes())
+
+
+def read_fragment(uri: str) -> pa.Table:
+    return pa.ipc.open_file(pa.BufferReader(storage.read_bytes(uri))).read_all()
+
+
+def _targets(ref) -> pa.Table:
+    """The target table behind an ObjectRef, fetched once per worker process."""
+    import ray
+
+    key = ref.hex()
+    if key not in _TARGETS_CACHE:
+        _TARGETS_CACHE.clear()
+        _TARGETS_CACHE[key] = ray.get(ref)
+    return _TARGETS_CACHE[key]
+
+
+_TARGETS_CACHE: dict[str, pa.Table] = {}
+
+
+def sample_splits_batch(batch: pa.Table, targets_ref, work: str, lowercase: bool, max_line_bytes: int,
+                        window: int, seed: int) -> pa.Table:
+    """Ray Data step 1: sample each split and write its rows as one fragment per bucket.
+
+    The fragments under `work/bucket-XXXXX/` are the exchange between the two steps: a
+    shuffle through storage, which scales past the object store and needs no shuffle
+    actors. A retried task rewrites the same fragment names, so retries are harmless.
+    """
+    targets = _targets(targets_ref)
+    written = []
+    for row in batch.to_pylist():
+        split = Split(**row)
+        rows = sample_split(split, targets, lowercase, max_line_bytes, window, seed).sort_by("bucket")
+        buckets = rows["bucket"].to_numpy()
+        bounds = np.flatnonzero(np.diff(buckets)) + 1
+        for lo, hi in zip(np.concatenate(([0], bounds)), np.concatenate((bounds, [len(buckets)]))):
+            if hi > lo:
+                name = f"split-{split.file_id:06d}-{split.start:015d}.arrow"
+                write_fragment(storage.join(fragment_dir(work, int(buckets[lo])), name),
+                               rows.slice(lo, hi - lo).drop_columns(["bucket"]))
+        written.append(rows.num_rows)
+    return pa.table({"sampled": written})
+
+
+def write_buckets_batch(batch: pa.Table, targets_ref, work: str, output: str, cap: int) -> pa.Table:
+    """Ray Data step 2: gather each bucket's fragments, select its contexts, write its parquet file."""
+    targets = _targets(targets_ref)
+    rows = []
+    for bucket in batch["bucket"].to_pylist():
+        where = fragment_dir(work, bucket)
+        fragments = [read_fragment(f.uri) for f in storage.list_files(where)] if storage.exists(where) else []
+        samples = pa.concat_tables(fragments) if fragments else SAMPLE_SCHEMA.empty_table().drop_columns(["bucket"])
+        table = select_contexts(samples, targets, bucket, cap)
+        write_table(bucket_uri(output, bucket), table)
+        n = pc.list_value_length(table["contexts"]).to_numpy(zero_copy_only=False)
+        rows.append({"bucket": bucket, "words": table.num_rows, "contexts": int(n.sum()),
+                     "words_without_contexts": int((n == 0).sum())})
+    return pa.Table.from_pylist(rows)
 
 
 def build_buckets(splits: list[Split], targets: pa.Table, output: str, *, num_buckets: int, cap: int,
-                  lowercase: bool, max_line_bytes: int, window: int, seed: int,
-                  num_actors: int, num_partitions: int) -> list[dict]:
+                  lowercase: bool, max_line_bytes: int, window: int, seed: int) -> list[dict]:
     """The distributed sampling pass; writes `contexts/bucket-XXXXX.parquet`, returns per-bucket counts."""
     import ray
 
-    placeholders = pa.table({"bucket": targets["bucket"], "word": targets["word"], "count": targets["count"],
-                             "u": pa.nulls(targets.num_rows, pa.float64()),
-                             "context": pa.nulls(targets.num_rows, pa.string())}, schema=SAMPLE_SCHEMA)
-    # --- Ray: an actor pool samples the splits; a groupby on the bucket selects and writes.
+    work = storage.join(output, "_work")
+    # --- Ray: the target table goes to the object store once; tasks fetch it by reference.
+    targets_ref = ray.put(targets)
     ds = ray.data.from_items([s.__dict__ for s in splits], override_num_blocks=len(splits))
-    samples = ds.map_batches(ContextSampler, batch_size=1, batch_format="pyarrow",
-                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
-                             fn_constructor_kwargs=dict(targets=targets, lowercase=lowercase,
-                                                        max_line_bytes=max_line_bytes, window=window, seed=seed))
-    every_word = samples.union(ray.data.from_arrow(placeholders))
-    summary = every_word.groupby("bucket", num_partitions=num_partitions).map_groups(
-        finalize_bucket, batch_format="pyarrow", fn_kwargs={"output": output, "cap": cap})
-    written = {row["bucket"]: row for row in summary.take_all()}
+    ds.map_batches(sample_splits_batch, batch_size=1, batch_format="pyarrow",
+                   fn_kwargs=dict(targets_ref=targets_ref, work=work, lowercase=lowercase,
+                                  max_line_bytes=max_line_bytes, window=window, seed=seed)).materialize()
+    buckets = ray.data.from_items([{"bucket": b} for b in range(num_buckets)], override_num_blocks=num_buckets)
+    summary = buckets.map_batches(write_buckets_batch, batch_size=1, batch_format="pyarrow",
+                                  fn_kwargs=dict(targets_ref=targets_ref, work=work, output=output, cap=cap))
+    rows = sorted(summary.take_all(), key=lambda r: r["bucket"])
     # ---
-    for bucket in range(num_buckets):  # a bucket that got no word still gets its (empty) file
-        if bucket not in written:
-            write_table(bucket_uri(output, bucket), BUCKET_SCHEMA.empty_table())
-            written[bucket] = {"bucket": bucket, "words": 0, "contexts": 0, "words_without_contexts": 0}
-    return [written[b] for b in range(num_buckets)]
+    storage.delete(work)
+    return rows

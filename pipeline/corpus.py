@@ -191,7 +191,9 @@ def tokenize(lines: pa.Array, lowercase: bool = True) -> pa.ListArray:
     """Tokenise a batch of lines: one list of string tokens per line, no empty tokens."""
     text = pc.utf8_lower(lines) if lowercase else lines
     spaced = pc.replace_substring_regex(text, TOKEN_PATTERN, r" \0 ")
-    pieces = pc.utf8_split_whitespace(spaced)
+    # Trimming first is not only tidy: utf8_split_whitespace (pyarrow 26) can keep a
+    # trailing space inside the last token when a string ends on a 64-byte boundary.
+    pieces = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(spaced))
     # Neighbouring separators leave empty strings: drop them and rebuild the list offsets.
     flat = pc.list_flatten(pieces)
     nonempty = pc.greater(pc.binary_length(flat), 0).to_numpy(zero_copy_only=False)

@@ -7,6 +7,7 @@ mistaken for a finished one; the next run clears it and starts the stage again.
 
 from __future__ import annotations
 
+import fnmatch
 import platform
 import time
 from importlib import metadata
@@ -30,15 +31,35 @@ def read(output: str) -> dict[str, Any]:
     return storage.read_json(manifest_uri(output))
 
 
-def prepare(output: str, overwrite: bool) -> bool:
+# Config keys that do not change a stage's result: a complete output made with other
+# values of these is still the same result.
+_NOT_RESULT_KEYS = {"overwrite", "num_cpus", "output"}
+
+
+def prepare(output: str, stage: str, config: dict[str, Any], overwrite: bool, owned: tuple[str, ...]) -> bool:
     """Get `output` ready for a stage. Returns False when a complete output should be kept.
 
-    A complete output is kept unless `overwrite`; a partial one (no manifest) is always
-    cleared, so stale files of an interrupted run can never mix with the new ones.
+    * A complete output made with the same settings is kept (unless `overwrite`); one
+      made with other settings is an error, never silently reused.
+    * A partial output (no manifest) is cleared, so stale files of an interrupted run can
+      never mix with the new ones — but only if everything in it is the stage's own
+      (top-level names matching `owned`): a user's directory is never deleted.
     """
+    if is_complete(output) and not overwrite:
+        old = read(output).get("config", {})
+        changed = {k: (old.get(k), v) for k, v in config.items() if k not in _NOT_RESULT_KEYS and old.get(k) != v}
+        if changed:
+            what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())[:4])
+            raise storage.UserError(f"{storage.redact(output)} holds a complete {stage} output made with other "
+                                    f"settings ({what}); pass --overwrite to replace it, or choose another --output")
+        return False
     if storage.exists(output):
-        if is_complete(output) and not overwrite:
-            return False
+        prefix = storage.join(output, "")
+        for f in storage.list_files(output):
+            top = f.uri[len(prefix):].lstrip("/").split("/", 1)[0] if f.uri.startswith(prefix) else f.uri
+            if not any(fnmatch.fnmatchcase(top, pattern) for pattern in owned + (MANIFEST,)):
+                raise storage.UserError(f"--output {storage.redact(output)} holds files that are not a {stage} "
+                                        f"output (e.g. {storage.redact(f.uri)}); choose a new or empty location")
         storage.delete(manifest_uri(output))  # first: from here on the output is partial
         storage.delete(output)
     storage.make_dirs(output)

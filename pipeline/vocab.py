@@ -65,21 +65,31 @@ def split_stats(counts: pa.Table) -> tuple[pa.Table, LineStats, int]:
     return vocab.select(["word", "count"]).cast(VOCAB_SCHEMA), stats, get("tokens")
 
 
-def count_vocab(splits: list[Split], lowercase: bool, max_line_bytes: int,
-                num_partitions: int) -> tuple[pa.Table, LineStats, int]:
-    """The distributed counting pass. Returns (vocab, line stats, number of tokens)."""
+def count_vocab(splits: list[Split], lowercase: bool, max_line_bytes: int) -> tuple[pa.Table, LineStats, int]:
+    """The distributed counting pass. Returns (vocab, line stats, number of tokens).
+
+    Partial counts stream back to the driver and are merged there in Arrow every few
+    blocks, so driver memory stays at about one vocabulary (which it needs anyway to
+    write `vocab.parquet` and choose the targets), however large the corpus.
+    """
     import ray
 
-    # --- Ray: one task per split, then a hash-partitioned sum of the partial counts.
+    # --- Ray: one task per split; partial counts stream back as they finish.
     ds = ray.data.from_items([s.__dict__ for s in splits], override_num_blocks=len(splits))
     partial = ds.map_batches(count_splits_batch, batch_size=1, batch_format="pyarrow",
                              fn_kwargs={"lowercase": lowercase, "max_line_bytes": max_line_bytes})
-    summed = partial.groupby("word", num_partitions=num_partitions).sum("count")
-    tables = [t for t in ray.get(summed.to_arrow_refs()) if t.num_rows]
-    # ---
-    counts = pa.concat_tables(tables) if tables else VOCAB_SCHEMA.empty_table()
-    counts = counts.rename_columns(["word", "count"]).cast(VOCAB_SCHEMA)
-    return split_stats(counts)
+    total, pending = VOCAB_SCHEMA.empty_table(), []
+    for block in partial.iter_batches(batch_size=None, batch_format="pyarrow"):
+        # ---
+        pending.append(block)
+        if sum(t.num_rows for t in pending) > 4 * max(total.num_rows, 1_000_000):
+            total, pending = _merge([total, *pending]), []
+    return split_stats(_merge([total, *pending]))
+
+
+def _merge(tables: list[pa.Table]) -> pa.Table:
+    summed = pa.concat_tables(tables).group_by("word").aggregate([("count", "sum")])
+    return summed.rename_columns(["word", "count"]).cast(VOCAB_SCHEMA)
 
 
 def write_vocab(vocab: pa.Table, output: str, min_counts: list[int]) -> list[str]:

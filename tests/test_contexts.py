@@ -31,21 +31,15 @@ def test_window_size_counts_tokens_either_side():
 def test_every_occurrence_is_a_row_when_the_word_is_rare():
     rows = _extract(["kumquat and kumquat", "no match here", "one kumquat"], ["kumquat"], window=1)
     assert sorted(rows["context"].to_pylist()) == ["and kumquat", "kumquat and", "one kumquat"]
-    assert set(rows["word"].to_pylist()) == {"kumquat"}
-
-
-def _placeholder(targets):
-    return pa.table({"bucket": targets["bucket"], "word": targets["word"], "count": targets["count"],
-                     "u": pa.nulls(targets.num_rows, pa.float64()),
-                     "context": pa.nulls(targets.num_rows, pa.string())}, schema=SAMPLE_SCHEMA)
+    assert set(rows["target"].to_pylist()) == {0}
 
 
 def test_select_dedups_caps_and_orders_by_u():
     targets = targets_table(["a", "b", "zero"], [5, 2, 0], 1, cap=3, oversample=1.0)
-    rows = pa.table({"bucket": [0] * 7, "word": ["a", "a", "a", "a", "a", "b", "b"], "count": [None] * 7,
+    rows = pa.table({"bucket": [0] * 7, "target": [0, 0, 0, 0, 0, 1, 1],
                      "u": [0.5, 0.1, 0.3, 0.05, 0.9, 0.2, 0.1],
                      "context": ["x", "y", "x", "z", "w", "p", "p"]}, schema=SAMPLE_SCHEMA)
-    out = {r["word"]: r for r in select_contexts(pa.concat_tables([rows, _placeholder(targets)]), cap=3).to_pylist()}
+    out = {r["word"]: r for r in select_contexts(rows, targets, 0, cap=3).to_pylist()}
     assert out["a"]["contexts"] == ["z", "y", "x"]  # distinct, smallest u first, capped at 3
     assert out["b"]["contexts"] == ["p"] and out["b"]["count"] == 2
     assert out["zero"]["contexts"] == [] and out["zero"]["count"] == 0
@@ -79,7 +73,7 @@ def _sample(path, split_bytes, seed, cap=1000, count=10_000):
     targets = targets_table(["kumquat"], [count], 1, cap=cap, oversample=2.0)
     splits = make_splits(storage.list_files(str(path)), split_bytes)
     rows = pa.concat_tables([sample_split(s, targets, True, 10**6, 25, seed) for s in splits])
-    return select_contexts(pa.concat_tables([rows, _placeholder(targets)]), cap)["contexts"][0].as_py()
+    return select_contexts(rows, targets, 0, cap)["contexts"][0].as_py()
 
 
 def test_sample_is_reproducible_and_independent_of_splitting(tmp_path):

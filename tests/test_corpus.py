@@ -83,3 +83,12 @@ def test_decode_lines_accounts_for_every_line():
     assert stats.read == 8 and stats.used == 2
     assert stats.skipped == {"empty": 2, "one_word": 1, "bad_encoding": 1, "binary": 1, "too_long": 1}
     assert stats.used + sum(stats.skipped.values()) == stats.read
+
+
+def test_tokens_never_hold_whitespace_whatever_the_length():
+    # Regression: pyarrow's utf8_split_whitespace kept "'. '" when a string ended on a 64-byte boundary.
+    lines = [("word " * n)[: n + 40] + " ." for n in range(1, 200)] + ["x\u00a0y\tz  .  "]
+    for line in lines:
+        tokens = tokenize_text(line)
+        assert all(t and not any(c.isspace() for c in t) for t in tokens), (line, tokens)
+    assert tokenize_text("kumquat gamma beta delta gamma delta delta alpha river gamma .")[-1] == "."
