@@ -27,12 +27,26 @@ def connect_ray(num_cpus: int | None = None) -> None:
             ray.init(log_to_driver=True)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+            # Warm the local workers while the driver plans: their first task would
+            # otherwise spend ~1 s importing Arrow and the pipeline.
+            warm_up = ray.remote(_warm_up)
+            for _ in range(int(ray.cluster_resources().get("CPU", 1))):
+                warm_up.remote()
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
+    # Our data steps are single map operators whose outputs are small or go to storage;
+    # Ray Data's per-operator resource reservation only throttles them (measured on 2
+    # CPUs: ~1 task at a time with it, 1.8x more throughput without).
+    ctx.op_resource_reservation_enabled = False
     if os.environ.get("CI"):
         ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+def _warm_up() -> None:
+    import pipeline.contexts  # noqa: F401
+    import pipeline.vocab  # noqa: F401
 
 
 def log(message: str) -> None:

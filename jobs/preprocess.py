@@ -112,12 +112,15 @@ def preprocess(config: PreprocessConfig) -> dict:
         raise storage.StorageError(f"--corpus {storage.redact(config.corpus)}: no input files found; "
                                    "check the path or glob")
     words = read_words(config.words, config.lowercase) if config.words else None
-    splits = corpus.make_splits(files, int(config.split_mb * (1 << 20)))
-    log(f"preprocess: {len(files)} files, {sum(max(f.size, 0) for f in files) / 1e6:.1f} MB, {len(splits)} splits")
     connect_ray(config.num_cpus)
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # At most split_mb per task, and ~4 tasks per CPU (splits of >= 1 MB) so that uneven files balance.
+    total = sum(max(f.size, 0) for f in files)
+    split_bytes = min(int(config.split_mb * (1 << 20)), max(1 << 20, -(-total // (4 * cpus))))
+    splits = corpus.make_splits(files, split_bytes)
+    log(f"preprocess: {len(files)} files, {total / 1e6:.1f} MB, {len(splits)} splits, {cpus} CPUs")
 
     t0 = time.time()
     counts, lines, tokens = vocab.count_vocab(splits, config.lowercase, config.max_line_bytes)

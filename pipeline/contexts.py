@@ -62,10 +62,28 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 def uniform_hash(seed: int, file_id: int, line_offsets: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """A uniform number in [0, 1) for each occurrence, from its identity and the seed."""
     with np.errstate(over="ignore"):
-        h = _splitmix64(np.full(len(positions), seed, dtype=np.uint64) ^ np.uint64(file_id))
-        h = _splitmix64(h ^ line_offsets.astype(np.uint64))
+        base = _splitmix64(_splitmix64(np.array([seed], dtype=np.uint64)) ^ np.uint64(file_id))[0]
+        h = _splitmix64(base ^ line_offsets.astype(np.uint64))
         h = _splitmix64(h ^ positions.astype(np.uint64))
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _string_views(data: pa.Buffer, start: np.ndarray, length: np.ndarray) -> pa.Array:
+    """Strings that are byte ranges of one buffer, built as Arrow string views (no per-row copy).
+
+    A view is 16 bytes: the length, then either the string inline (<= 12 bytes) or its
+    first 4 bytes, the buffer index (0) and the offset. Ranges may overlap.
+    """
+    raw = np.concatenate((np.frombuffer(data, dtype=np.uint8), np.zeros(12, dtype=np.uint8)))  # pad reads
+    views = np.zeros((len(start), 4), dtype="<i4")
+    views[:, 0] = length
+    long, short = np.flatnonzero(length > 12), np.flatnonzero(length <= 12)
+    views[long, 1] = raw[start[long, None] + np.arange(4)].view("<i4")[:, 0]
+    views[long, 3] = start[long]
+    inline = raw[start[short, None] + np.arange(12)]
+    inline[np.arange(12) >= length[short, None]] = 0
+    views[short, 1:4] = inline.view("<i4")
+    return pa.Array.from_buffers(pa.string_view(), len(start), [None, pa.py_buffer(views), data])
 
 
 def extract_contexts(tokens: pa.ListArray, line_offsets: np.ndarray, file_id: int, targets: pa.Table,
@@ -73,52 +91,42 @@ def extract_contexts(tokens: pa.ListArray, line_offsets: np.ndarray, file_id: in
     """Sampled (bucket, target, u, context) rows for the target occurrences in a batch of lines.
 
     `tokens` holds one token list per line, `line_offsets` each line's byte offset in
-    file `file_id` (its stable identity for the hash).
+    file `file_id` (its stable identity for the hash). Full-length work is limited to
+    a few vectorised passes; everything else is done for the kept occurrences only.
     """
     flat = pc.list_flatten(tokens)
     if len(flat) == 0:
         return SAMPLE_SCHEMA.empty_table()
-    line_of = pc.list_parent_indices(tokens).to_numpy()
-    line_first_token = tokens.offsets.to_numpy()[:-1]
+    offsets = tokens.offsets.to_numpy().astype(np.int64)
+    offsets -= offsets[0]  # token index where each line starts (and, last, ends)
     is_end = pc.equal(flat, SENTENCE_END).to_numpy(zero_copy_only=False)
 
-    # Sentence id of every token: a new one at each line start and after each ".".
-    new_sentence = np.ones(len(flat), dtype=bool)
-    new_sentence[1:] = (line_of[1:] != line_of[:-1]) | is_end[:-1]
-    sentence = np.cumsum(new_sentence)
-
-    # Drop the "." tokens; windows are runs of equal sentence id in what is left.
-    kept = np.flatnonzero(~is_end)
-    words = flat.take(pa.array(kept))
-    sentence = sentence[kept]
-    run_start = np.ones(len(kept), dtype=bool)
-    run_start[1:] = sentence[1:] != sentence[:-1]
-    starts = np.flatnonzero(run_start)
-    run = np.cumsum(run_start) - 1
-    first = starts[run]
-    end = np.append(starts[1:], len(kept))[run]
-
     # Which tokens are targets, and which of those occurrences the sample keeps.
-    index = pc.fill_null(pc.index_in(words, value_set=targets["word"]), -1).to_numpy(zero_copy_only=False)
-    candidates = np.flatnonzero(index >= 0)
+    index = pc.fill_null(pc.index_in(flat, value_set=targets["word"]), -1).to_numpy(zero_copy_only=False)
+    candidates = np.flatnonzero((index >= 0) & ~is_end)
     if len(candidates) == 0:
         return SAMPLE_SCHEMA.empty_table()
-    original = kept[candidates]
-    line = line_of[original]
-    u = uniform_hash(seed, file_id, line_offsets[line], original - line_first_token[line])
-    keep_prob = targets["keep_prob"].to_numpy()
-    chosen = u < keep_prob[index[candidates]]
-    sel, u = candidates[chosen], u[chosen]
+    line = np.searchsorted(offsets, candidates, side="right") - 1
+    u = uniform_hash(seed, file_id, line_offsets[line], candidates - offsets[line])
+    chosen = u < targets["keep_prob"].to_numpy()[index[candidates]]
+    at, u, line = candidates[chosen], u[chosen], line[chosen]
 
-    # Gather each window's tokens in one `take`, then join each window with spaces.
-    lo = np.maximum(first[sel], sel - window)
-    hi = np.minimum(end[sel], sel + window + 1)
-    lengths = hi - lo
-    list_offsets = np.concatenate(([0], np.cumsum(lengths)))
-    gather = np.arange(list_offsets[-1]) - np.repeat(list_offsets[:-1] - lo, lengths)
-    windows = pa.LargeListArray.from_arrays(pa.array(list_offsets), words.take(pa.array(gather)))
-    context = pc.binary_join(windows, " ")
-    target = index[sel]
+    # The window: up to `window` tokens either side, inside the sentence (between ".").
+    dots = np.concatenate(([-1], np.flatnonzero(is_end), [len(flat)]))  # with sentinels
+    after = np.searchsorted(dots, at)  # index of the first "." after each occurrence
+    lo = np.maximum.reduce([dots[after - 1] + 1, offsets[line], at - window])
+    hi = np.minimum.reduce([dots[after], offsets[line + 1], at + window + 1]) - 1  # last token, inclusive
+
+    # Each line with its tokens joined by single spaces; a window is one byte range of it.
+    normalized = pc.binary_join(tokens, " ")
+    token_len = pc.binary_length(flat).to_numpy(zero_copy_only=False).astype(np.int64)
+    step = np.concatenate(([0], np.cumsum(token_len + 1)))  # byte position if all lines were one
+    value_offsets = np.frombuffer(normalized.buffers()[1], dtype=np.int32)
+    line_start = value_offsets[normalized.offset + line].astype(np.int64) - step[offsets[line]]
+    start = line_start + step[lo]
+    length = line_start + step[hi] + token_len[hi] - start
+    context = _string_views(normalized.buffers()[2], start, length).cast(pa.string())
+    target = index[at]
     return pa.table({"bucket": targets["bucket"].to_numpy()[target], "target": target.astype(np.int32),
                      "u": u, "context": context}, schema=SAMPLE_SCHEMA)
 

@@ -16,8 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for all stage tests. 4 logical CPUs on 2 cores (see RAY_NOTES.md)."""
+def ray_local(s3_server):
+    """One local Ray for all stage tests. 4 logical CPUs on 2 cores (see RAY_NOTES.md).
+
+    Started after the S3 endpoint so that its workers inherit AWS_ENDPOINT_URL and the
+    test credentials, as workers on a cluster get them from the runtime_env.
+    """
     import ray
 
     if not ray.is_initialized():

@@ -12,8 +12,7 @@ from pipeline.corpus import make_splits, tokenize
 
 def _extract(lines, words, counts=None, window=25, cap=1000, seed=1):
     targets = targets_table(words, counts or [1] * len(words), num_buckets=4, cap=cap, oversample=2.0)
-    tokens = tokenize(pa.array(lines))
-    return extract_contexts(tokens, np.arange(len(lines)) * 1000, 0, targets, window, seed)
+    return extract_contexts(tokenize(pa.array(lines)), np.arange(len(lines)) * 1000, 0, targets, window, seed)
 
 
 def test_window_is_clipped_at_sentence_ends_and_dots_are_dropped():
@@ -102,3 +101,27 @@ def test_cap_is_respected(tmp_path, cap):
     path = tmp_path / "c.txt"
     _frequent_word_corpus(path, n_lines=500)
     assert len(_sample(path, 10**9, seed=1, cap=cap, count=500)) == cap
+
+
+def test_contexts_equal_joined_token_windows_on_messy_text():
+    """Contexts are byte ranges of the normalised text: check them against joined token lists."""
+    import random
+
+    from pipeline.corpus import tokenize_text
+
+    rng = random.Random(3)
+    vocab = ["kumquat", "café", "東京", "x", "don't", ".", ",", "3.14", "naïve", "e.g."]
+    spaces = [" ", "  ", "\t", "\u00a0", " \u2003 "]
+    lines = ["".join(rng.choice(vocab) + rng.choice(spaces) for _ in range(rng.randint(2, 30))) for _ in range(300)]
+    expected = set()
+    for line in lines:
+        sentence = []
+        for tok in tokenize_text(line) + ["."]:
+            if tok != ".":
+                sentence.append(tok)
+                continue
+            expected |= {" ".join(sentence[max(0, i - 3):i + 4]) for i, w in enumerate(sentence) if w == "kumquat"}
+            sentence = []
+    rows = _extract(lines, ["kumquat"], window=3)
+    assert set(rows["context"].to_pylist()) == expected
+    assert any(len(c.encode()) <= 12 for c in expected) and any(len(c.encode()) > 12 for c in expected)

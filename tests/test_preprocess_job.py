@@ -181,3 +181,17 @@ def test_cli_bad_flag_and_empty_words_file(tmp_path, small_corpus):
 def test_cli_help_lists_fields():
     proc = _cli("--help")
     assert proc.returncode == 0 and "--max_contexts_per_word INT  (default: 1000)" in proc.stdout
+
+
+def test_pipeline_job_runs_preprocess_and_skips_it_the_second_time(ray_local, small_corpus, tmp_path):
+    from jobs.run import RunConfig, run
+    from pipeline.config import parse
+
+    corpus, lines = small_corpus
+    argv = ["--config", str(REPO / "jobs/configs/demo.yaml"), "--corpus", str(corpus),
+            "--output", str(tmp_path / "run"), "--preprocess.num_buckets", "2"]
+    first = run(parse(RunConfig, argv))["preprocess"]
+    assert first["lines"]["used"] == len(lines) and first["config"]["num_buckets"] == 2
+    assert first["config"]["max_contexts_per_word"] == 256  # from demo.yaml
+    again = run(parse(RunConfig, argv))["preprocess"]
+    assert again["finished_at"] == first["finished_at"]
