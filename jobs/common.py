@@ -53,9 +53,9 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def main(config_cls: type[T], run: Callable[[T], object], doc: str, argv: list[str] | None = None) -> None:
+def main(config_cls: type[T], run: Callable[[T], object], doc: str, prog: str,
+         argv: list[str] | None = None) -> None:
     """Parse the config, run the job, and map user errors to one line + exit status 2."""
-    prog = "python -m " + run.__module__
     try:
         config = parse(config_cls, argv, prog=prog, description=doc)
         run(config)

@@ -103,15 +103,16 @@ def read_words(uri: str, lowercase: bool) -> list[str]:
 def preprocess(config: PreprocessConfig) -> dict:
     """Run the stage; returns its manifest."""
     output = config.output
-    if not manifest.prepare(output, "preprocess", to_dict(config), config.overwrite, OUTPUT_NAMES):
+    if manifest.reusable(output, "preprocess", to_dict(config), config.overwrite):
         log(f"preprocess: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
         return manifest.read(output)
     started = time.time()
-    files = storage.list_files(config.corpus)
+    files = storage.list_files(config.corpus)  # inputs are checked before the output is touched
     if not files:
         raise storage.StorageError(f"--corpus {storage.redact(config.corpus)}: no input files found; "
                                    "check the path or glob")
     words = read_words(config.words, config.lowercase) if config.words else None
+    manifest.reset(output, "preprocess", OUTPUT_NAMES)
     connect_ray(config.num_cpus)
     import ray
 
@@ -167,4 +168,4 @@ def preprocess(config: PreprocessConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(PreprocessConfig, preprocess, __doc__)
+    main(PreprocessConfig, preprocess, __doc__, prog="python -m jobs.preprocess")

@@ -58,4 +58,4 @@ def run(config: RunConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(RunConfig, run, __doc__)
+    main(RunConfig, run, __doc__, prog="python -m jobs.run")

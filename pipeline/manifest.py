@@ -36,23 +36,28 @@ def read(output: str) -> dict[str, Any]:
 _NOT_RESULT_KEYS = {"overwrite", "num_cpus", "output"}
 
 
-def prepare(output: str, stage: str, config: dict[str, Any], overwrite: bool, owned: tuple[str, ...]) -> bool:
-    """Get `output` ready for a stage. Returns False when a complete output should be kept.
+def reusable(output: str, stage: str, config: dict[str, Any], overwrite: bool) -> bool:
+    """Whether `output` already holds this stage's complete result for `config`.
 
-    * A complete output made with the same settings is kept (unless `overwrite`); one
-      made with other settings is an error, never silently reused.
-    * A partial output (no manifest) is cleared, so stale files of an interrupted run can
-      never mix with the new ones — but only if everything in it is the stage's own
-      (top-level names matching `owned`): a user's directory is never deleted.
+    A complete output made with other settings is an error, never silently reused.
     """
-    if is_complete(output) and not overwrite:
-        old = read(output).get("config", {})
-        changed = {k: (old.get(k), v) for k, v in config.items() if k not in _NOT_RESULT_KEYS and old.get(k) != v}
-        if changed:
-            what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())[:4])
-            raise storage.UserError(f"{storage.redact(output)} holds a complete {stage} output made with other "
-                                    f"settings ({what}); pass --overwrite to replace it, or choose another --output")
+    if overwrite or not is_complete(output):
         return False
+    old = read(output).get("config", {})
+    changed = {k: (old.get(k), v) for k, v in config.items() if k not in _NOT_RESULT_KEYS and old.get(k) != v}
+    if changed:
+        what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())[:4])
+        raise storage.UserError(f"{storage.redact(output)} holds a complete {stage} output made with other "
+                                f"settings ({what}); pass --overwrite to replace it, or choose another --output")
+    return True
+
+
+def reset(output: str, stage: str, owned: tuple[str, ...]) -> None:
+    """Clear `output` for a fresh run of the stage, so stale files can never mix with new ones.
+
+    Only a directory whose every top-level name matches `owned` (or is the manifest) is
+    cleared: a user's directory is never deleted.
+    """
     if storage.exists(output):
         prefix = storage.join(output, "")
         for f in storage.list_files(output):
@@ -63,7 +68,6 @@ def prepare(output: str, stage: str, config: dict[str, Any], overwrite: bool, ow
         storage.delete(manifest_uri(output))  # first: from here on the output is partial
         storage.delete(output)
     storage.make_dirs(output)
-    return True
 
 
 def versions() -> dict[str, str]:

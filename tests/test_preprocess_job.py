@@ -155,6 +155,7 @@ def test_cli_missing_corpus_is_one_clear_line(tmp_path):
     proc = _cli("--corpus", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: not found; check the path or URI"]
+    assert not (tmp_path / "out").exists()  # inputs are checked before the output is touched
 
 
 def test_cli_unreachable_s3_fails_fast(tmp_path):
