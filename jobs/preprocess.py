@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.common import connect_ray, log, main
@@ -100,6 +101,12 @@ def read_words(uri: str, lowercase: bool) -> list[str]:
     return list(dict.fromkeys(words))
 
 
+def unmatchable_words(words: list[str], lowercase: bool) -> list[str]:
+    """Words that the corpus tokenizer splits (or changes), so no corpus token can equal them."""
+    tokens = corpus.tokenize(pa.array(words), lowercase).to_pylist()
+    return [w for w, t in zip(words, tokens) if t != [w]]
+
+
 def preprocess(config: PreprocessConfig) -> dict:
     """Run the stage; returns its manifest."""
     output = config.output
@@ -130,6 +137,7 @@ def preprocess(config: PreprocessConfig) -> dict:
     log(f"preprocess: {lines.read} lines ({lines.used} used), {tokens} tokens, {counts.num_rows} words "
         f"in {count_s:.1f}s")
 
+    unmatchable = unmatchable_words(words, config.lowercase) if words is not None else []
     if words is None:
         chosen = counts.filter(pc.greater_equal(counts["count"], config.min_count_target))
         chosen = chosen.filter(pc.not_equal(chosen["word"], corpus.SENTENCE_END))
@@ -137,6 +145,9 @@ def preprocess(config: PreprocessConfig) -> dict:
     else:
         known = dict(zip(counts["word"].to_pylist(), counts["count"].to_pylist()))
         target_words, target_counts = words, [known.get(w, 0) for w in words]
+        if unmatchable:
+            log(f"preprocess: warning: {len(unmatchable)} --words entries are not single tokens for the corpus "
+                f"tokenizer and cannot have contexts, e.g. {unmatchable[:5]}")
     targets = contexts.targets_table(target_words, target_counts, config.num_buckets,
                                      config.max_contexts_per_word, config.oversample)
 
@@ -156,6 +167,7 @@ def preprocess(config: PreprocessConfig) -> dict:
     result = manifest.write(
         output, "preprocess", to_dict(config), started,
         mode="words" if words is not None else "train",
+        words_not_single_tokens=unmatchable,
         input_files=[{"uri": storage.redact(f.uri), "size": f.size} for f in files],
         lines=lines.as_dict(), tokens=tokens, words=counts.num_rows,
         target_words=targets.num_rows, contexts_written=n_contexts, words_without_contexts=without,

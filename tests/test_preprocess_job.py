@@ -125,14 +125,15 @@ def test_a_users_directory_is_never_deleted(small_corpus, tmp_path):
 def test_words_mode_collects_contexts_for_any_count(ray_local, small_corpus, tmp_path):
     corpus, lines = small_corpus
     words = tmp_path / "words.txt"
-    words.write_text("Kumquat\nriver\n\nneverseen\nriver\n")
+    words.write_text("Kumquat\nriver\n\nneverseen\nriver\ncovid-19\n")
     out = tmp_path / "out"
     result = preprocess(_config(corpus, out, words=str(words), max_contexts_per_word=5))
     buckets = _buckets(out)
-    assert set(buckets) == {"kumquat", "river", "neverseen"}
+    assert set(buckets) == {"kumquat", "river", "neverseen", "covid-19"}
     assert buckets["neverseen"] == {"word": "neverseen", "count": 0, "contexts": []}
     assert len(buckets["river"]["contexts"]) == 5 and all("river" in c for c in buckets["river"]["contexts"])
-    assert result["mode"] == "words" and result["words_without_contexts"] == 1
+    assert result["mode"] == "words" and result["words_without_contexts"] == 2
+    assert result["words_not_single_tokens"] == ["covid-19"]
 
 
 def test_s3_corpus_and_output_with_gzip(ray_local, s3_bucket, tmp_path):
