@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -107,3 +108,49 @@ def make_corpus(path: Path, n_lines: int = 3000, seed: int = 0, files: int = 3) 
 def small_corpus(tmp_path) -> tuple[Path, list[str]]:
     corpus = tmp_path / "corpus"
     return corpus, make_corpus(corpus)
+
+
+# Tiny language models for unit tests (hidden 32, 2 layers), built locally: no network.
+TINY_WORDS = ["the", "a", "is", "of", "and", "fruit", "tree", "river", "stone", "kum", "quat", "apple",
+              "orange", "small", "sweet", "grows", "on", "in", "green", "light"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny random BERT + WordPiece tokenizer saved to a directory (a valid `base_model`)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ":", '"', ".", ",", "!"] + TINY_WORDS + \
+        ["##s", "##ing", "##quat", "##ly", "##e", "##r"]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(out)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=128)
+    BertModel(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory) -> Path:
+    """A tiny random RoBERTa + byte-level BPE tokenizer trained on a few sentences."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-roberta")
+    bpe = ByteLevelBPETokenizer()
+    text = [" ".join(TINY_WORDS) + ' : " , .'] * 20
+    bpe.train_from_iterator(text, vocab_size=300, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    vocab_file, merges_file = bpe.save_model(str(out))
+    merges = [tuple(m.split()) for m in open(merges_file, encoding="utf-8").read().splitlines()
+              if m and not m.startswith("#")]
+    tokenizer = RobertaTokenizerFast(vocab=json.loads(open(vocab_file, encoding="utf-8").read()), merges=merges)
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=37, max_position_embeddings=130)
+    RobertaModel(config).save_pretrained(out)
+    return out

@@ -1,0 +1,96 @@
+"""(word, contexts) → BERTRAM model tensors.
+
+Each context has every whole-word occurrence of the word replaced by the tokenizer's
+mask token, is tokenised, truncated around the (first) mask to `max_seq_length`, and
+wrapped as `[CLS] context [SEP]` — or, in the `add` modes, `[CLS] <form> : context [SEP]`
+/ `[CLS] " <form> " : context [SEP]` with a placeholder where the form vector goes.
+Contexts that do not contain the word are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.model import NgramVocab, form_slot, uses_context, uses_form
+
+
+@dataclass
+class Batch:
+    """Model inputs for B words and their N contexts (see `Bertram.forward`)."""
+
+    tensors: dict[str, torch.Tensor]
+    skipped_contexts: int  # contexts that did not contain their word
+
+    def to(self, device) -> "Batch":
+        return Batch({k: v.to(device) for k, v in self.tensors.items()}, self.skipped_contexts)
+
+
+def mask_word(word: str, context: str, mask_token: str) -> str | None:
+    """`context` with each whole-word occurrence of `word` replaced by `mask_token`, or None if absent."""
+    pattern = re.compile(rf"(?<![\w]){re.escape(word)}(?![\w])")
+    masked, n = pattern.subn(mask_token, context)
+    return masked if n else None
+
+
+def _prefix(tokenizer, mode: str) -> list[int]:
+    """Token ids between [CLS] and the context in the add modes (the form placeholder is UNK)."""
+    slot = form_slot(mode)
+    if slot is None:
+        return []
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    placeholder = [tokenizer.unk_token_id]
+    prefix = placeholder + ids(" :") if mode == "add" else ids(' "') + placeholder + ids(' "') + ids(" :")
+    if prefix.index(tokenizer.unk_token_id) + 1 != slot:
+        raise ValueError(f"{mode}: the tokenizer splits the quote into several tokens; the form slot would move")
+    return prefix
+
+
+def encode(words: list[str], contexts: list[list[str]], tokenizer, mode: str, max_seq_length: int = 128,
+           ngram_vocab: NgramVocab | None = None) -> Batch:
+    """Tensors for `Bertram.forward`: n-grams of `words` and their `contexts` (one list per word)."""
+    tensors: dict[str, torch.Tensor] = {}
+    if uses_form(mode):
+        if ngram_vocab is None:
+            raise ValueError(f"mode {mode!r} uses the word form: pass the model's ngram_vocab")
+        tensors["ngram_ids"] = ngram_vocab.encode(words)  # (B, G)
+    if not uses_context(mode):
+        return Batch(tensors, 0)
+
+    texts, owner = [], []
+    skipped = 0
+    for b, (word, ctxs) in enumerate(zip(words, contexts)):
+        for ctx in ctxs:
+            masked = mask_word(word, ctx, tokenizer.mask_token)
+            if masked is None:
+                skipped += 1
+            else:
+                texts.append(masked)
+                owner.append(b)
+    prefix = _prefix(tokenizer, mode)
+    budget = max_seq_length - 2 - len(prefix)
+    rows, positions, kept_owner = [], [], []
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    for ids, b in zip(encoded, owner):
+        if tokenizer.mask_token_id not in ids:
+            skipped += 1  # the tokenizer merged the mask into a neighbour: nothing to read out
+            continue
+        pos = ids.index(tokenizer.mask_token_id)
+        if len(ids) > budget:  # keep a window of the context centred on the mask
+            start = max(0, min(pos - budget // 2, len(ids) - budget))
+            ids, pos = ids[start:start + budget], pos - start
+        rows.append([tokenizer.cls_token_id] + prefix + ids + [tokenizer.sep_token_id])
+        positions.append(1 + len(prefix) + pos)
+        kept_owner.append(b)
+    width = max((len(r) for r in rows), default=0)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # (N, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, T)
+    for i, r in enumerate(rows):
+        input_ids[i, :len(r)] = torch.tensor(r)
+        attention_mask[i, :len(r)] = 1
+    tensors.update(input_ids=input_ids, attention_mask=attention_mask,
+                   mask_positions=torch.tensor(positions, dtype=torch.long),
+                   context_word=torch.tensor(kept_owner, dtype=torch.long))
+    return Batch(tensors, skipped)

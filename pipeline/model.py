@@ -1,0 +1,318 @@
+"""BERTRAM (Schick & Schütze, ACL 2020): infer an input embedding for a word from its form and contexts.
+
+One model, one file, read top to bottom:
+
+    NgramVocab            character n-grams of a word (n = 3..5, <S> and </S> boundaries)
+    FormModel             the form vector: mean of the word's n-gram embeddings
+    AttentiveMimicking    reliability weights of a word's contexts from their similarities
+    Bertram               form | context | fused (add, add-quotes, replace, shallow)
+
+Shapes in comments: B words in a batch, N contexts in the batch (all words together),
+C the most contexts of one word, T tokens per context, H the encoder's hidden size, D the
+output size (the language model's input embedding size), G n-grams per word.
+
+A model saves as a directory (`save_pretrained`): `config.json` (BERTRAM settings and the
+encoder's config), `model.safetensors`, `ngram_vocab.json` and the base tokenizer. Loading
+runs no code from the files and needs no network: the encoder is built from its saved config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from pipeline import storage
+
+MODES = ("form", "context", "add", "add-quotes", "replace", "shallow")
+FUSED_MODES = ("add", "add-quotes", "replace", "shallow")
+PAD, UNK = 0, 1  # n-gram ids
+CONFIG_NAME, WEIGHTS_NAME, NGRAMS_NAME = "config.json", "model.safetensors", "ngram_vocab.json"
+
+
+def uses_form(mode: str) -> bool:
+    return mode != "context"
+
+
+def uses_context(mode: str) -> bool:
+    return mode != "form"
+
+
+def form_slot(mode: str) -> int | None:
+    """Where the form vector enters the encoder input in the `add` modes:
+    `[CLS] <form> : context [SEP]` (position 1) or `[CLS] " <form> " : context [SEP]` (position 2)."""
+    return {"add": 1, "add-quotes": 2}.get(mode)
+
+
+# ---------------------------------------------------------------------------------------
+# Form: a bag of character n-grams
+
+
+class NgramVocab:
+    """Character n-grams of words, with `<S>`/`</S>` boundaries; rare n-grams map to UNK."""
+
+    def __init__(self, ngrams: list[str], n_min: int = 3, n_max: int = 5):
+        self.itos = ["<PAD>", "<UNK>"] + list(ngrams)
+        self.stoi = {g: i for i, g in enumerate(self.itos)}
+        self.n_min, self.n_max = n_min, n_max
+
+    @staticmethod
+    def ngrams_of(word: str, n_min: int = 3, n_max: int = 5) -> list[str]:
+        """All n-grams of `<S>word</S>` for n in [n_min, n_max]; boundary symbols count as one character."""
+        chars = ["<S>"] + list(word) + ["</S>"]
+        return ["".join(chars[i:i + n]) for n in range(n_min, n_max + 1) for i in range(len(chars) - n + 1)]
+
+    @classmethod
+    def build(cls, words: list[str], counts: list[int] | None = None, min_count: int = 4,
+              n_min: int = 3, n_max: int = 5) -> "NgramVocab":
+        """Keep the n-grams seen at least `min_count` times over the vocabulary (weighted by `counts` if given)."""
+        seen: Counter = Counter()
+        for i, word in enumerate(words):
+            weight = counts[i] if counts is not None else 1
+            for g in set(cls.ngrams_of(word, n_min, n_max)):
+                seen[g] += weight
+        kept = sorted(g for g, c in seen.items() if c >= min_count)
+        return cls(kept, n_min, n_max)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, words: list[str]) -> torch.Tensor:
+        """(B, G) n-gram ids, padded with PAD; unknown n-grams are UNK."""
+        ids = [[self.stoi.get(g, UNK) for g in self.ngrams_of(w, self.n_min, self.n_max)] or [UNK] for w in words]
+        out = torch.full((len(ids), max(len(x) for x in ids)), PAD, dtype=torch.long)
+        for row, x in enumerate(ids):
+            out[row, :len(x)] = torch.tensor(x)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({"n_min": self.n_min, "n_max": self.n_max, "ngrams": self.itos[2:]}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "NgramVocab":
+        data = json.loads(text)
+        return cls(data["ngrams"], data["n_min"], data["n_max"])
+
+
+class FormModel(nn.Module):
+    """The form vector of a word: the mean of its n-gram embeddings (PAD masked out)."""
+
+    def __init__(self, vocab_size: int, dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, dim, padding_idx=PAD)
+        self.dropout = dropout
+
+    def forward(self, ngram_ids: torch.Tensor) -> torch.Tensor:
+        keep = ngram_ids != PAD  # (B, G)
+        if self.training and self.dropout > 0:
+            dropped = keep & (torch.rand(keep.shape, device=keep.device) >= self.dropout)
+            keep = torch.where(dropped.any(dim=1, keepdim=True), dropped, keep)  # never drop every n-gram
+        vectors = self.embedding(ngram_ids) * keep.unsqueeze(-1)  # (B, G, D)
+        return vectors.sum(dim=1) / keep.sum(dim=1, keepdim=True).clamp(min=1)  # (B, D)
+
+
+# ---------------------------------------------------------------------------------------
+# Context: attentive mimicking over the encoder's [MASK] outputs
+
+
+class AttentiveMimicking(nn.Module):
+    """Reliability weights of a word's contexts (Schick & Schütze, 2019).
+
+    Contexts are projected, compared pairwise with a scaled dot product, and a context's
+    reliability is the sum of its similarities to the word's contexts, normalised to sum
+    to 1 over the word's contexts. Padding contexts get weight 0.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, contexts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.linear(contexts)  # (B, C, H)
+        similarity = q @ q.transpose(1, 2) / math.sqrt(q.shape[-1])  # (B, C, C)
+        valid = mask.to(similarity.dtype)  # (B, C)
+        similarity = similarity * valid.unsqueeze(1) * valid.unsqueeze(2)
+        reliability = similarity.sum(dim=-1)  # (B, C)
+        return reliability / (reliability.sum(dim=1, keepdim=True) + 1e-12)  # (B, C)
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class BertramConfig:
+    """What defines a BERTRAM model (saved as config.json)."""
+
+    mode: str
+    base_model: str  # the language model it was trained for (hub name or path)
+    output_size: int  # D: the language model's input embedding size
+    ngram_vocab_size: int = 0
+    ngram_dropout: float = 0.1
+    encoder_config: dict | None = None  # the encoder's transformers config (context modes)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+
+class Bertram(nn.Module):
+    """Form, context or fused BERTRAM. Build with `Bertram.create` or `Bertram.from_pretrained`."""
+
+    def __init__(self, config: BertramConfig, encoder: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        if uses_form(config.mode):
+            self.form = FormModel(config.ngram_vocab_size, config.output_size, config.ngram_dropout)
+        if uses_context(config.mode):
+            if encoder is None:
+                raise ValueError(f"mode {config.mode!r} needs an encoder")
+            self.encoder = encoder
+            hidden = encoder.config.hidden_size
+            self.mimicking = AttentiveMimicking(hidden)
+            self.context_linear = nn.Linear(hidden, config.output_size)
+        if config.mode == "shallow":
+            self.gate = nn.Linear(2 * config.output_size, 1)
+
+    @classmethod
+    def create(cls, mode: str, base_model: str, ngram_vocab: NgramVocab | None = None,
+               ngram_dropout: float = 0.1) -> "Bertram":
+        """A fresh model for `base_model` (any BERT/RoBERTa that `transformers.AutoModel` loads)."""
+        from transformers import AutoModel
+
+        lm = AutoModel.from_pretrained(base_model)
+        output_size = lm.get_input_embeddings().embedding_dim
+        config = BertramConfig(mode=mode, base_model=base_model, output_size=output_size,
+                               ngram_vocab_size=len(ngram_vocab) if ngram_vocab else 0, ngram_dropout=ngram_dropout,
+                               encoder_config=lm.config.to_dict() if uses_context(mode) else None)
+        if uses_form(mode) and ngram_vocab is None:
+            raise ValueError(f"mode {mode!r} needs an n-gram vocabulary")
+        model = cls(config, lm if uses_context(mode) else None)
+        model.ngram_vocab = ngram_vocab
+        return model
+
+    # -- forward ----------------------------------------------------------------------
+
+    def forward(self, ngram_ids: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, mask_positions: torch.Tensor | None = None,
+                context_word: torch.Tensor | None = None) -> torch.Tensor:
+        """The inferred vectors (B, D) of a batch of words.
+
+        ngram_ids (B, G): the words' n-grams (form modes). input_ids, attention_mask (N, T):
+        every context of every word, the word replaced by the mask token (and, in the add
+        modes, the form slot after [CLS]); mask_positions (N,): where the mask token is;
+        context_word (N,): which of the B words each context belongs to (context modes).
+        """
+        mode = self.config.mode
+        form = self.form(ngram_ids) if uses_form(mode) else None  # (B, D)
+        if mode == "form":
+            return form
+        if input_ids is None or input_ids.shape[0] == 0:
+            raise ValueError(f"a {mode!r} model needs at least one context per word")
+
+        embeds = self.encoder.get_input_embeddings()(input_ids)  # (N, T, H)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        if mode == "replace":  # the form vector takes the place of the mask token's embedding
+            embeds = embeds.index_put((rows, mask_positions), form[context_word].to(embeds.dtype))
+        elif form_slot(mode) is not None:  # ... or of the placeholder after [CLS]
+            slot = torch.full_like(mask_positions, form_slot(mode))
+            embeds = embeds.index_put((rows, slot), form[context_word].to(embeds.dtype))
+        hidden = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
+        at_mask = hidden[rows, mask_positions]  # (N, H)
+
+        grouped, valid = group_by_word(at_mask, context_word, self._num_words(ngram_ids, context_word))  # (B, C, H)
+        weights = self.mimicking(grouped, valid)  # (B, C)
+        context = self.context_linear((weights.unsqueeze(-1) * grouped).sum(dim=1))  # (B, D)
+        if mode == "shallow":
+            a = torch.sigmoid(self.gate(torch.cat([context, form], dim=-1)))  # (B, 1)
+            return a * context + (1 - a) * form
+        return context
+
+    @staticmethod
+    def _num_words(ngram_ids: torch.Tensor | None, context_word: torch.Tensor) -> int:
+        return ngram_ids.shape[0] if ngram_ids is not None else int(context_word.max()) + 1
+
+    # -- fusion -----------------------------------------------------------------------
+
+    @classmethod
+    def fuse(cls, form_model: "Bertram", context_model: "Bertram", mode: str = "add") -> "Bertram":
+        """A fused model whose form part comes from `form_model` and context part from `context_model`."""
+        if form_model.config.mode != "form" or context_model.config.mode != "context":
+            raise ValueError(f"fuse needs a form and a context model, got {form_model.config.mode!r} and "
+                             f"{context_model.config.mode!r}")
+        if mode not in FUSED_MODES:
+            raise ValueError(f"fused mode must be one of {', '.join(FUSED_MODES)}, got {mode!r}")
+        if form_model.config.output_size != context_model.config.output_size:
+            raise ValueError("form and context models were trained for different embedding sizes")
+        config = BertramConfig(mode=mode, base_model=context_model.config.base_model,
+                               output_size=context_model.config.output_size,
+                               ngram_vocab_size=form_model.config.ngram_vocab_size,
+                               ngram_dropout=form_model.config.ngram_dropout,
+                               encoder_config=context_model.config.encoder_config)
+        fused = cls(config, context_model.encoder)
+        fused.load_state_dict({**context_model.state_dict(), **form_model.state_dict()}, strict=False)
+        fused.ngram_vocab = form_model.ngram_vocab
+        return fused
+
+    # -- saving and loading -----------------------------------------------------------
+
+    def save_pretrained(self, uri: str, tokenizer=None) -> None:
+        """Write config.json, model.safetensors, ngram_vocab.json (+ the tokenizer) to a local or remote URI."""
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+                json.dump(asdict(self.config), f, indent=2)
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+            if getattr(self, "ngram_vocab", None) is not None:
+                with open(os.path.join(tmp, NGRAMS_NAME), "w", encoding="utf-8") as f:
+                    f.write(self.ngram_vocab.to_json())
+            if tokenizer is not None:
+                tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+            for root, _, files in os.walk(tmp):
+                for name in files:
+                    rel = os.path.relpath(os.path.join(root, name), tmp)
+                    with open(os.path.join(root, name), "rb") as f:
+                        storage.write_bytes(storage.join(uri, *rel.split(os.sep)), f.read())
+
+    @classmethod
+    def from_pretrained(cls, uri: str, device: str | torch.device = "cpu") -> "Bertram":
+        """Load a saved model; executes nothing from the files and needs no network."""
+        from safetensors.torch import load
+
+        config = BertramConfig(**storage.read_json(storage.join(uri, CONFIG_NAME)))
+        encoder = None
+        if uses_context(config.mode):
+            from transformers import AutoConfig, AutoModel
+
+            encoder_config = dict(config.encoder_config)
+            model_type = encoder_config.pop("model_type")
+            encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **encoder_config))
+        model = cls(config, encoder)
+        model.load_state_dict(load(storage.read_bytes(storage.join(uri, WEIGHTS_NAME))))
+        model.ngram_vocab = None
+        if uses_form(config.mode):
+            model.ngram_vocab = NgramVocab.from_json(storage.read_text(storage.join(uri, NGRAMS_NAME)))
+        return model.to(device).eval()
+
+
+def group_by_word(vectors: torch.Tensor, word: torch.Tensor, num_words: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scatter (N, H) context vectors into (B, C, H) by word, with a (B, C) validity mask; no Python loop."""
+    counts = torch.bincount(word, minlength=num_words)  # (B,)
+    order = torch.argsort(word, stable=True)
+    first = torch.cumsum(counts, 0) - counts  # (B,) index of each word's first context in `order`
+    slot = torch.empty_like(word)
+    slot[order] = torch.arange(len(word), device=word.device) - first[word[order]]  # (N,) rank within its word
+    width = int(counts.max()) if len(word) else 0
+    grouped = vectors.new_zeros((num_words, width, vectors.shape[-1]))  # (B, C, H)
+    grouped = grouped.index_put((word, slot), vectors)
+    valid = torch.zeros((num_words, width), dtype=torch.bool, device=vectors.device)
+    valid[word, slot] = True
+    return grouped, valid
