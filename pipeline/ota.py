@@ -42,9 +42,9 @@ def template_vocabulary(tokenizer) -> torch.Tensor:
 
 
 def piece_ids(tokenizer, words: list[str]) -> list[list[int]]:
-    """The pieces each word is split into (as a word in running text)."""
-    return [tokenizer(" " + w if _is_byte_level(tokenizer) else w, add_special_tokens=False)["input_ids"]
-            for w in words]
+    """The pieces each word is split into (as a word in running text: byte-level BPE sees a leading space)."""
+    space = " " if _is_byte_level(tokenizer) else ""
+    return tokenizer([space + w for w in words], add_special_tokens=False)["input_ids"] if words else []
 
 
 def _is_byte_level(tokenizer) -> bool:

@@ -62,8 +62,12 @@ class OtaActor:
     """Ray Data actor: loads the frozen language model once, approximates a batch of words per call."""
 
     def __init__(self, model: str, settings: OtaSettings):
+        import ray
         from transformers import AutoModel, AutoTokenizer
 
+        # One intra-op thread per CPU this actor holds: actors side by side must not oversubscribe.
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.lm = AutoModel.from_pretrained(model).to(self.device)
