@@ -17,7 +17,11 @@ materialising all occurrences of frequent words. How:
    the corpus" — the reference's rule, made reproducible and order-free — as long as the
    kept occurrences hold `cap` distinct contexts.
 
-Words are assigned to `num_buckets` buckets by a stable hash of the word.
+Words are assigned to `num_buckets` buckets by a stable hash of the word. On Ray Data,
+step 1 samples each split and writes its rows as one Arrow fragment per bucket under
+`<output>/_work/`; step 2 reads one bucket's fragments, selects, and writes the bucket's
+parquet file. The exchange goes through storage rather than a Ray shuffle: it scales past
+the object store and costs no shuffle actors.
 """
 
 from __future__ import annotations

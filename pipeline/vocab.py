@@ -1,10 +1,11 @@
 """The counting pass: corpus splits → (word, count) for every token, on Ray Data.
 
 Each Ray Data task reads one split, tokenises it in Arrow and counts its tokens
-(`pc.value_counts`, a combiner: the shuffle carries distinct words, not occurrences);
-a hash-partitioned `groupby("word").sum()` adds the partial counts. Line statistics
-travel in the same rows under keys that start with a space — a token never contains
-whitespace, so they cannot collide with a word.
+(`pc.value_counts`: what travels is distinct words, not occurrences); the driver merges
+the partial counts as they stream back (Arrow `group_by().aggregate`), which is far
+cheaper on small clusters than a Ray Data hash shuffle and keeps driver memory at about
+one vocabulary. Line statistics travel in the same rows under keys that start with a
+space — a token never contains whitespace, so they cannot collide with a word.
 """
 
 from __future__ import annotations
