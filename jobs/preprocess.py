@@ -110,14 +110,15 @@ def unmatchable_words(words: list[str], lowercase: bool) -> list[str]:
 def preprocess(config: PreprocessConfig) -> dict:
     """Run the stage; returns its manifest."""
     output = config.output
-    if manifest.reusable(output, "preprocess", to_dict(config), config.overwrite):
-        log(f"preprocess: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
-        return manifest.read(output)
-    started = time.time()
     files = storage.list_files(config.corpus)  # inputs are checked before the output is touched
     if not files:
         raise storage.StorageError(f"--corpus {storage.redact(config.corpus)}: no input files found; "
                                    "check the path or glob")
+    inputs = {"files": [[storage.redact(f.uri), f.size] for f in files]}
+    if manifest.reusable(output, "preprocess", to_dict(config), config.overwrite, inputs):
+        log(f"preprocess: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
+        return manifest.read(output)
+    started = time.time()
     words = read_words(config.words, config.lowercase) if config.words else None
     manifest.reset(output, "preprocess", OUTPUT_NAMES)
     connect_ray(config.num_cpus)
@@ -165,10 +166,9 @@ def preprocess(config: PreprocessConfig) -> dict:
         log(f"preprocess: warning: {without} words have no context in the corpus (kept with an empty list)")
 
     result = manifest.write(
-        output, "preprocess", to_dict(config), started,
+        output, "preprocess", to_dict(config), started, inputs=inputs,
         mode="words" if words is not None else "train",
         words_not_single_tokens=unmatchable,
-        input_files=[{"uri": storage.redact(f.uri), "size": f.size} for f in files],
         lines=lines.as_dict(), tokens=tokens, words=counts.num_rows,
         target_words=targets.num_rows, contexts_written=n_contexts, words_without_contexts=without,
         files={"vocab": [storage.redact(u) for u in vocab_files],

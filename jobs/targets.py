@@ -73,13 +73,14 @@ class TargetsConfig(TargetsOptions):
 def compute_targets(config: TargetsConfig) -> dict:
     """Run the stage; returns its manifest."""
     output = config.output
-    if manifest.reusable(output, "targets", to_dict(config), config.overwrite):
-        log(f"targets: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
-        return manifest.read(output)
     if not manifest.is_complete(config.preprocessed):
         raise ConfigError(f"--preprocessed {storage.redact(config.preprocessed)} holds no complete preprocess "
                           "output (manifest.json missing); run jobs.preprocess first")
     pre = manifest.read(config.preprocessed)
+    inputs = {"preprocessed": storage.redact(config.preprocessed), "preprocessed_at": pre["finished_at"]}
+    if manifest.reusable(output, "targets", to_dict(config), config.overwrite, inputs):
+        log(f"targets: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
+        return manifest.read(output)
     min_count = config.min_count or pre["config"]["min_count_target"]
     model_path = targets.resolve_model(config.model)
     from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -130,7 +131,8 @@ def compute_targets(config: TargetsConfig) -> dict:
                  zip(result["word"].to_pylist(), result["vector"].to_pylist()))
         storage.write_text(storage.join(output, "targets.txt"), "\n".join(lines) + "\n")
     losses = result.filter(pc.equal(result["source"], "ota"))["ota_loss"]
-    out = manifest.write(output, "targets", to_dict(config), started, model=config.model, model_type=model_type,
+    out = manifest.write(output, "targets", to_dict(config), started, inputs=inputs,
+                         model=config.model, model_type=model_type,
                          min_count=min_count, words=result.num_rows, embedding_targets=len(single),
                          ota_targets=len(multi), ota_steps=steps,
                          ota_loss_mean=pc.mean(losses).as_py() if len(losses) else None,

