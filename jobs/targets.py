@@ -10,13 +10,11 @@ and `manifest.json` last.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from jobs.common import connect_ray, log, main
 from pipeline import manifest, storage, targets, vocab
@@ -123,9 +121,7 @@ def compute_targets(config: TargetsConfig) -> dict:
         # ---
     ota_s = time.time() - t0
     result = pa.concat_tables(parts).cast(targets.TARGETS_SCHEMA).sort_by("word")
-    sink = io.BytesIO()
-    pq.write_table(result, sink)
-    storage.write_bytes(storage.join(output, "targets.parquet"), sink.getvalue())
+    storage.write_parquet(storage.join(output, "targets.parquet"), result)
     if config.write_text:
         lines = (f"{w} " + " ".join(f"{x:.6g}" for x in v) for w, v in
                  zip(result["word"].to_pylist(), result["vector"].to_pylist()))

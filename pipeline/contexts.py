@@ -181,14 +181,6 @@ def fragment_dir(work: str, bucket: int) -> str:
     return storage.join(work, f"bucket-{bucket:05d}")
 
 
-def write_table(uri: str, table: pa.Table) -> None:
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    storage.write_bytes(uri, sink.getvalue().to_pybytes())
-
-
 def write_fragment(uri: str, table: pa.Table) -> None:
     """Intermediate data: Arrow IPC with lz4, much cheaper to write and read than parquet."""
     sink = pa.BufferOutputStream()
@@ -248,7 +240,7 @@ def write_buckets_batch(batch: pa.Table, targets_ref, work: str, output: str, ca
         fragments = [read_fragment(f.uri) for f in storage.list_files(where)] if storage.exists(where) else []
         samples = pa.concat_tables(fragments) if fragments else SAMPLE_SCHEMA.empty_table().drop_columns(["bucket"])
         table = select_contexts(samples, targets, bucket, cap)
-        write_table(bucket_uri(output, bucket), table)
+        storage.write_parquet(bucket_uri(output, bucket), table)
         n = pc.list_value_length(table["contexts"]).to_numpy(zero_copy_only=False)
         rows.append({"bucket": bucket, "words": table.num_rows, "contexts": int(n.sum()),
                      "words_without_contexts": int((n == 0).sum())})

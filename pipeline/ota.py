@@ -84,7 +84,6 @@ def approximate(lm, tokenizer, pieces: list[list[int]], settings: OtaSettings,
     start = 1 + p
     tail = s + 2  # s random tokens, ".", [SEP]
     real_len = start + lengths + tail  # (B,)
-    approx_len = start + 1 + tail
     T_real = start + k_max + tail
     positions = torch.arange(T_real, device=device)
     real_mask = positions[None, :] < real_len[:, None]  # (B, T_real)

@@ -230,6 +230,24 @@ def write_json(uri: str, obj: Any) -> None:
     write_text(uri, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def write_parquet(uri: str, table: Any, compression: str = "zstd") -> None:
+    """Write a pyarrow Table as one parquet file (atomically, like `write_bytes`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=compression)
+    write_bytes(uri, sink.getvalue().to_pybytes())
+
+
+def read_parquet(uri: str) -> Any:
+    """A parquet file as a pyarrow Table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(read_bytes(uri)))
+
+
 def exists(uri: str) -> bool:
     if is_local(uri):
         return os.path.exists(local_path(uri))

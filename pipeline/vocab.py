@@ -95,14 +95,9 @@ def _merge(tables: list[pa.Table]) -> pa.Table:
 
 def write_vocab(vocab: pa.Table, output: str, min_counts: list[int]) -> list[str]:
     """Write `vocab.parquet` and the reference text formats `train.vwcN` (`<word> <count>`)."""
-    import pyarrow.parquet as pq
-
-    written = []
     uri = storage.join(output, "vocab.parquet")
-    sink = pa.BufferOutputStream()
-    pq.write_table(vocab, sink)
-    storage.write_bytes(uri, sink.getvalue().to_pybytes())
-    written.append(uri)
+    storage.write_parquet(uri, vocab)
+    written = [uri]
     counts = vocab["count"].to_numpy()
     words = vocab["word"].to_pylist()
     for n in sorted(set(min_counts)):
@@ -116,6 +111,4 @@ def write_vocab(vocab: pa.Table, output: str, min_counts: list[int]) -> list[str
 
 def read_vocab(preprocessed: str) -> pa.Table:
     """`vocab.parquet` of a preprocessed output."""
-    import pyarrow.parquet as pq
-
-    return pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(preprocessed, "vocab.parquet"))))
+    return storage.read_parquet(storage.join(preprocessed, "vocab.parquet"))
