@@ -40,6 +40,8 @@ class TargetsOptions:
     """OTA actors (each loads the model once); default: one per CPU, or per GPU with --use_gpu."""
     use_gpu: bool = False
     """Give each OTA actor a GPU."""
+    bf16: bool = True
+    """On a GPU, run the language model under bf16 autocast in OTA (ignored on CPU)."""
     write_text: bool = False
     """Also write targets.txt in the `<word> <v1> ... <vn>` text format."""
     seed: int = 1234
@@ -109,7 +111,7 @@ def compute_targets(config: TargetsConfig) -> dict:
 
         resources = ray.cluster_resources()
         actors = config.num_actors or max(1, int(resources.get("GPU" if config.use_gpu else "CPU", 1)))
-        settings = OtaSettings(steps=steps, lr=config.ota_lr, seed=config.seed)
+        settings = OtaSettings(steps=steps, lr=config.ota_lr, seed=config.seed, bf16=config.bf16)
         # --- Ray: an actor pool, each actor holding the frozen LM.
         blocks = -(-len(multi) // config.ota_batch_words)  # one block per OTA batch: actors share the work
         ds = ray.data.from_items([{"word": w} for w in multi], override_num_blocks=blocks)

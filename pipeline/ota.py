@@ -28,6 +28,7 @@ class OtaSettings:
     prefix_tokens: int = 1  # random tokens before the word
     suffix_tokens: int = 1  # random tokens after it (then ".")
     seed: int = 1234
+    bf16: bool = False  # run the language model under bf16 autocast on a GPU (the vectors stay float32)
 
 
 def template_vocabulary(tokenizer) -> torch.Tensor:
@@ -93,6 +94,8 @@ def approximate(lm, tokenizer, pieces: list[list[int]], settings: OtaSettings,
     right_real = start + lengths[:, None] + torch.arange(tail, device=device)  # (B, tail)
     rows = torch.arange(B, device=device)[:, None]
 
+    bf16 = settings.bf16 and device.type == "cuda"
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     recent: list[torch.Tensor] = []
     for _ in range(settings.steps):
         rand = vocab[torch.randint(len(vocab), (B, p + s), generator=generator)].to(device)  # (B, p+s)
@@ -106,14 +109,15 @@ def approximate(lm, tokenizer, pieces: list[list[int]], settings: OtaSettings,
         approx = torch.cat([real[:, :start], torch.full((B, 1), tokenizer.pad_token_id, device=device),
                             real[rows, right_real]], dim=1)  # (B, approx_len)
 
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             target = lm(input_ids=real, attention_mask=real_mask.long(), output_hidden_states=True).hidden_states
             target = torch.stack(target[1:], dim=1)  # (B, L, T_real, H)
             target = torch.cat([target[:, :, left], target[rows, :, right_real].transpose(1, 2)], dim=2)
         embeds = embedding(approx)  # (B, approx_len, H)
         embeds = embeds.index_put((torch.arange(B, device=device), torch.full((B,), start, device=device)),
                                   vector.to(embeds.dtype))
-        hidden = lm(inputs_embeds=embeds, output_hidden_states=True).hidden_states
+        with autocast():
+            hidden = lm(inputs_embeds=embeds, output_hidden_states=True).hidden_states
         hidden = torch.stack(hidden[1:], dim=1)  # (B, L, approx_len, H)
         hidden = torch.cat([hidden[:, :, left], hidden[:, :, right_approx]], dim=2)
         per_word = F.mse_loss(hidden.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)

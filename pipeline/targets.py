@@ -69,6 +69,7 @@ class OtaActor:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.lm = AutoModel.from_pretrained(model).to(self.device)
         self.settings = settings
