@@ -1,0 +1,255 @@
+"""Use a trained BERTRAM model: infer word vectors and give them to a language model.
+
+    from pipeline import infer
+    bertram, tokenizer = infer.load("s3://bucket/bertram-add")  # or a local directory
+    vectors = infer.infer_vectors(bertram, tokenizer, {"kumquat": ["a kumquat is a small orange fruit ."]})
+    lm, lm_tokenizer = AutoModelForMaskedLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    infer.add_word_vectors_to_model(vectors, lm_tokenizer, lm)  # adds the token <BERTRAM:kumquat>
+    lm(**lm_tokenizer(infer.rewrite("a kumquat is sweet", vectors), return_tensors="pt"))
+
+(`name` is the language model BERTRAM was trained for, `bertram.config.base_model`;
+`rewrite` gives "a kumquat / <BERTRAM:kumquat> is sweet", the input the paper found best.)
+
+A word's vector comes from its form (character n-grams) and/or its contexts, depending on
+the model's mode. Contexts that do not contain the word as a whole word are skipped. A
+model with a form part (form, add, add-quotes, replace, shallow) gives the form vector to a
+word without usable contexts; a context-only model cannot, and says so.
+
+Pure library, no Ray: the Ray Data batch inference job calls `infer_vectors` per block.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from pipeline import storage
+from pipeline.batching import encode, mask_word
+from pipeline.model import Bertram, uses_context, uses_form
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+TOKENIZER_DIR = "tokenizer"  # where `Bertram.save_pretrained(uri, tokenizer=...)` puts the tokenizer
+STYLES = ("slash", "replace")
+
+WordsWithContexts = Mapping[str, Sequence[str]] | Iterable[tuple[str, Sequence[str]]]
+
+
+def token_for(word: str) -> str:
+    """The language-model token that carries the inferred vector of `word`."""
+    return f"<BERTRAM:{word}>"
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def load(uri: str, device: str | torch.device = "cpu") -> tuple[Bertram, PreTrainedTokenizerBase]:
+    """A saved BERTRAM model (in eval mode, on `device`) and its tokenizer.
+
+    The tokenizer is the one saved under `<uri>/tokenizer` when there is one, else the
+    base model's (`AutoTokenizer.from_pretrained(config.base_model)`).
+    """
+    model = Bertram.from_pretrained(uri, device)
+    return model, load_tokenizer(uri, model.config.base_model)
+
+
+def load_tokenizer(uri: str, base_model: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with the BERTRAM model at `uri`, else the one of `base_model`."""
+    from transformers import AutoTokenizer
+
+    saved = storage.join(uri, TOKENIZER_DIR)
+    if storage.is_local(uri):
+        return AutoTokenizer.from_pretrained(saved if os.path.isdir(saved) else base_model)
+    try:
+        files = storage.list_files(saved)
+    except storage.StorageError:
+        files = []
+    if not files:
+        return AutoTokenizer.from_pretrained(base_model)
+    with tempfile.TemporaryDirectory() as tmp:  # transformers reads local directories only
+        for f in files:
+            path = os.path.join(tmp, *f.uri[len(saved):].strip("/").split("/"))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as out:
+                out.write(storage.read_bytes(f.uri))
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+# ---------------------------------------------------------------------------------------
+# Inference
+
+
+@torch.inference_mode()
+def infer_vector(model: Bertram, tokenizer: PreTrainedTokenizerBase, word: str, contexts: Sequence[str] = (),
+                 max_seq_length: int = 128) -> torch.Tensor:
+    """The inferred vector (D,) of one word from all its contexts in one forward pass (on the CPU)."""
+    _check(word, contexts)
+    model.eval()
+    return _infer(model, tokenizer, [word], [list(contexts)], max_seq_length)[0].float().cpu()  # (D,)
+
+
+@torch.inference_mode()
+def infer_vectors(model: Bertram, tokenizer: PreTrainedTokenizerBase, words_with_contexts: WordsWithContexts,
+                  batch_contexts: int = 256, max_contexts_per_chunk: int = 32,
+                  max_seq_length: int = 128) -> dict[str, torch.Tensor]:
+    """Inferred vectors (D,) of many words, many words per forward pass; on the CPU, in input order.
+
+    Words are packed into one forward pass until their contexts reach `batch_contexts`. A
+    word with more than `max_contexts_per_chunk` usable contexts is split into chunks of
+    that size, and its vector is the mean of the chunk vectors weighted by chunk size (this
+    bounds the (C, C) attentive-mimicking matrix and the batch). A word that occurs several
+    times is inferred once from the union of its contexts (duplicates dropped, order kept).
+    """
+    if batch_contexts < 1 or max_contexts_per_chunk < 1:
+        raise ValueError(f"batch_contexts and max_contexts_per_chunk must be >= 1, got {batch_contexts} and "
+                         f"{max_contexts_per_chunk}")
+    model.eval()
+    merged = _merge(words_with_contexts)
+    mode = model.config.mode
+    if uses_context(mode):
+        # Keep only the contexts that contain the word, so that chunks hold usable contexts
+        # and a context-only model fails before any work when a word has none.
+        merged = {w: [c for c in cs if mask_word(w, c, tokenizer.mask_token) is not None] for w, cs in merged.items()}
+        if not uses_form(mode):
+            _require_contexts([w for w, cs in merged.items() if not cs])
+    else:
+        merged = {w: [] for w in merged}  # a form model reads no contexts
+    chunks = [(w, cs[i:i + max_contexts_per_chunk]) for w, cs in merged.items()
+              for i in range(0, max(len(cs), 1), max_contexts_per_chunk)]
+
+    sums: dict[str, torch.Tensor] = {}  # word -> sum over its chunks of size * vector
+    sizes: dict[str, int] = {}
+    for batch in _pack(chunks, batch_contexts):
+        words = [w for w, _ in batch]
+        vectors = _infer(model, tokenizer, words, [cs for _, cs in batch], max_seq_length)  # (B, D)
+        for (word, cs), vector in zip(batch, vectors.float().cpu()):
+            size = max(len(cs), 1)
+            sums[word] = sums.get(word, 0) + size * vector  # (D,)
+            sizes[word] = sizes.get(word, 0) + size
+    return {w: sums[w] / sizes[w] for w in merged}
+
+
+def _infer(model: Bertram, tokenizer: PreTrainedTokenizerBase, words: list[str], contexts: list[list[str]],
+           max_seq_length: int) -> torch.Tensor:
+    """Vectors (B, D) of `words` from one forward pass (word b reads `contexts[b]`).
+
+    A word none of whose contexts could be used gets its form vector; in context mode
+    that is a ValueError.
+    """
+    mode = model.config.mode
+    device = next(model.parameters()).device
+    t = encode(words, contexts, tokenizer, mode, max_seq_length, model.ngram_vocab).to(device).tensors
+    if not uses_context(mode):
+        return model(**t)  # (B, D)
+    used = torch.bincount(t["context_word"], minlength=len(words)).cpu()  # (B,)
+    if not uses_form(mode):
+        _require_contexts([w for w, n in zip(words, used.tolist()) if n == 0])
+        return model(**t)  # (B, D)
+    # The forward pass gives a word without contexts a vector from nothing (the context
+    # layer's bias); replace it with the form vector.
+    form = model.form(t["ngram_ids"])  # (B, D)
+    if int(used.sum()) == 0:
+        return form
+    vectors = model(**t)  # (B, D)
+    return torch.where((used > 0).to(device).unsqueeze(-1), vectors, form)  # (B, D)
+
+
+def _require_contexts(missing: list[str]) -> None:
+    if missing:
+        shown = ", ".join(repr(w) for w in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"no usable context for {shown}: a context-only BERTRAM model needs at least one context "
+                         "that contains the word as a whole word; pass such contexts, or use a model with a form "
+                         "part (form, add, add-quotes, replace, shallow)")
+
+
+def _check(word: str, contexts: Sequence[str]) -> None:
+    if not isinstance(word, str) or not word.strip():
+        raise ValueError(f"a word must be a non-empty string, got {word!r}")
+    if isinstance(contexts, str):
+        raise ValueError(f"the contexts of {word!r} must be a list of strings, got one string; wrap it in a list")
+
+
+def _merge(words_with_contexts: WordsWithContexts) -> dict[str, list[str]]:
+    """word → its contexts, duplicate words merged and duplicate contexts dropped, first occurrence first."""
+    items = words_with_contexts.items() if isinstance(words_with_contexts, Mapping) else words_with_contexts
+    merged: dict[str, dict[str, None]] = {}
+    for word, contexts in items:
+        _check(word, contexts)
+        merged.setdefault(word, {}).update(dict.fromkeys(contexts))
+    return {w: list(cs) for w, cs in merged.items()}
+
+
+def _pack(chunks: list[tuple[str, list[str]]], batch_contexts: int) -> Iterator[list[tuple[str, list[str]]]]:
+    """Consecutive chunks, grouped while their contexts fit in `batch_contexts` (a chunk without any counts 1)."""
+    batch: list[tuple[str, list[str]]] = []
+    size = 0
+    for word, contexts in chunks:
+        n = max(len(contexts), 1)
+        if batch and size + n > batch_contexts:
+            yield batch
+            batch, size = [], 0
+        batch.append((word, contexts))
+        size += n
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------
+# Giving the vectors to a language model
+
+
+def add_word_vectors_to_model(vectors: Mapping[str, torch.Tensor | np.ndarray], tokenizer: PreTrainedTokenizerBase,
+                              model: PreTrainedModel) -> list[str]:
+    """Add a token `<BERTRAM:w>` per word to `tokenizer` and its vector as that token's input embedding of `model`.
+
+    Works for any transformers model with input embeddings (AutoModel, AutoModelForMaskedLM, ...).
+    The tokens are special, so the tokenizer never splits them. Adding a word again overwrites
+    its row. Returns the tokens, in the order of `vectors`.
+    """
+    dim = model.get_input_embeddings().embedding_dim
+    rows = []
+    for word, vector in vectors.items():
+        _check(word, ())
+        row = torch.as_tensor(vector).detach()  # (D,)
+        if row.shape != (dim,):
+            raise ValueError(f"the vector of {word!r} has shape {tuple(row.shape)} but the model's input embeddings "
+                             f"have size {dim}; infer it with a BERTRAM model trained for this language model")
+        rows.append(row)
+    if not rows:
+        return []
+    tokens = [token_for(w) for w in vectors]
+    tokenizer.add_tokens(tokens, special_tokens=True)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # new rows are all overwritten below
+    weight = model.get_input_embeddings().weight  # (V, D)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    with torch.no_grad():
+        weight[ids] = torch.stack(rows).to(weight.device, weight.dtype)  # (W, D)
+    return tokens
+
+
+def rewrite(text: str, words: Iterable[str], style: str = "slash") -> str:
+    """`text` with each whole-word, case-sensitive occurrence of a word given its BERTRAM token.
+
+    `slash` (best in the paper) keeps the word's own pieces: `a kumquat is` → `a kumquat / <BERTRAM:kumquat> is`;
+    `replace` puts the token in its place: `a <BERTRAM:kumquat> is`. `words` may be the dict of vectors.
+    """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    alternatives = sorted(set(words), key=len, reverse=True)  # longest first: "new york" before "new"
+    if not alternatives:
+        return text
+    # The same whole-word rule as masking contexts (pipeline.batching.mask_word); one pass, so the
+    # word inside an inserted `<BERTRAM:word>` is never rewritten again.
+    pattern = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, alternatives)) + r")(?!\w)")
+    if style == "slash":
+        return pattern.sub(lambda m: f"{m.group(1)} / {token_for(m.group(1))}", text)
+    return pattern.sub(lambda m: token_for(m.group(1)), text)
