@@ -26,7 +26,8 @@ def connect_ray(num_cpus: int | None = None) -> None:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=True)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+            # address="local": never attach to a `ray start` head that happens to run on this machine
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
             # Warm the local workers while the driver plans: their first task would
             # otherwise spend ~1 s importing Arrow and the pipeline.
             warm_up = ray.remote(_warm_up)

@@ -95,7 +95,9 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     parsed = urlsplit(uri)
     path = (parsed.netloc + parsed.path).rstrip("/")
     if kind == "s3":
-        kwargs: dict[str, Any] = {"connect_timeout": 10, "request_timeout": 60,
+        # allow_delayed_open: a small file is one PutObject instead of a multipart upload
+        # (cheaper, and the multipart path fails on some S3-compatible servers, e.g. moto).
+        kwargs: dict[str, Any] = {"connect_timeout": 10, "request_timeout": 60, "allow_delayed_open": True,
                                   "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
         endpoint = s3_endpoint()
         if endpoint:

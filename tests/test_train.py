@@ -1,0 +1,281 @@
+"""Training: the epoch plan, batching, the parameters each stage trains, and the Ray Train stage
+(local mode, 2-worker DDP on gloo, checkpoints on s3, resume, a worker fault, bad configs)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline import manifest, storage
+from pipeline.config import ConfigError
+from pipeline.contexts import bucket_of
+from pipeline.model import Bertram, NgramVocab
+from pipeline.train import (Collate, Sampling, epoch_bucket_plan, linear_warmup_decay, repeats,
+                            trainable_parameters)
+
+WORDS = ["fruit", "tree", "river", "stone", "apple", "orange", "small", "sweet", "green", "light", "grows"]
+FILLER = ["the", "a", "is", "of", "and", "on", "in"]
+
+
+def _sampling(**kw) -> Sampling:
+    base = dict(min_count=100, smin=4, smax=32, batch_size=64, uses_contexts=True, world_size=1, seed=7)
+    return Sampling(**{**base, **kw})
+
+
+# --- the epoch plan -----------------------------------------------------------------------
+
+
+def test_repeats_follow_the_reference_formula():
+    assert [repeats(c, 100) for c in (100, 199, 200, 499, 500, 10_000, 50)] == [1, 1, 2, 4, 5, 5, 1]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_plan_covers_every_instance_once_in_balanced_batches_for_every_rank(world):
+    words = [f"w{i}" for i in range(40)]
+    counts = [100 + 37 * i for i in range(40)]
+    available = [0 if i == 3 else 5 + (i * 7) % 60 for i in range(40)]
+    s = _sampling(world_size=world)
+    plan = epoch_bucket_plan(words, counts, available, epoch=0, bucket=0, s=s)
+    assert len(plan) % world == 0 and all(plan)
+    seen = Counter(row for batch in plan for row, _ in batch)
+    expected = {i: repeats(c, 100) for i, c in enumerate(counts) if available[i] > 0}
+    assert dict(seen) == expected  # word 3 has no contexts: never an instance
+    for batch in plan:
+        for row, idx in batch:
+            assert min(4, available[row]) <= len(idx) <= min(32, available[row])
+            assert len(set(idx.tolist())) == len(idx) and idx.max() < available[row]
+    units = [sum(len(idx) for _, idx in batch) for batch in plan]
+    assert max(units) <= 64 + 32  # about batch_size contexts; never more than one instance over
+
+
+def test_plan_is_a_function_of_seed_and_epoch():
+    args = (["a", "b", "c", "d"] * 1, [300, 200, 100, 500], [50, 50, 50, 50])
+    flat = lambda plan: [(r, tuple(i)) for b in plan for r, i in b]  # noqa: E731
+    one = flat(epoch_bucket_plan(*args, epoch=0, bucket=1, s=_sampling()))
+    assert one == flat(epoch_bucket_plan(*args, epoch=0, bucket=1, s=_sampling()))
+    assert one != flat(epoch_bucket_plan(*args, epoch=1, bucket=1, s=_sampling()))
+    assert one != flat(epoch_bucket_plan(*args, epoch=0, bucket=1, s=_sampling(seed=8)))
+
+
+def test_a_bucket_with_fewer_instances_than_ranks_still_feeds_every_rank():
+    plan = epoch_bucket_plan(["a"], [100], [10], epoch=0, bucket=0, s=_sampling(world_size=4))
+    assert len(plan) == 4 and all(len(b) == 1 for b in plan)
+
+
+def test_form_stage_batches_count_words():
+    plan = epoch_bucket_plan([f"w{i}" for i in range(100)], [100] * 100, [0] * 100, epoch=0, bucket=0,
+                             s=_sampling(uses_contexts=False, batch_size=16))
+    assert len(plan) == 7 and sum(len(b) for b in plan) == 100
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    factors = [linear_warmup_decay(u, 10, 100) for u in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[55] == pytest.approx(0.5) and factors[100] == 0.0
+
+
+# --- batches on the worker ----------------------------------------------------------------
+
+
+def _row(epoch, position, index, owner, words, contexts, dim=32):
+    return {"epoch": np.array([epoch]), "position": np.array([position]), "index": np.array([index]),
+            "owner": np.array([owner]), "words": np.array([np.array(words, dtype=object)], dtype=object),
+            "vectors": np.array([np.ones((len(words), dim), dtype=np.float32)], dtype=object),
+            "contexts": np.array([[np.array(c, dtype=object) for c in contexts]], dtype=object)}
+
+
+def test_collate_keeps_only_own_rows_after_the_resume_position(tiny_bert):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    row = _row(0, 2, 5, 1, ["fruit", "tree"], [["the fruit is sweet"], ["a tree grows"]])  # round 5 // 2 = 2
+    assert Collate(tok, "context", 32, None, rank=0, world_size=2)(row) == {}
+    out = Collate(tok, "context", 32, None, rank=1, world_size=2)(row)
+    assert out["target"].shape == (2, 32) and out["where"].tolist() == [0, 2, 2] and int(out["num_contexts"]) == 2
+    # Rank 0 checkpointed after batch 4 (round 2): rank 1's batch 5 of that round was trained in the same step.
+    assert Collate(tok, "context", 32, None, rank=1, world_size=2, resume_after=(0, 2, 2))(row) == {}
+    assert Collate(tok, "context", 32, None, rank=1, world_size=2, resume_after=(0, 2, 1))(row) != {}
+
+
+def test_collate_drops_words_whose_contexts_all_lost_the_word(tiny_bert):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    row = _row(0, 0, 0, 0, ["fruit", "tree", "stone"], [["no such word"], ["a tree grows"], ["stone is green"]])
+    out = Collate(tok, "add", 32, NgramVocab.build(WORDS * 4), rank=0)(row)
+    assert out["target"].shape[0] == 2 and out["ngram_ids"].shape[0] == 2
+    assert sorted(set(out["context_word"].tolist())) == [0, 1]
+
+
+# --- what each stage trains ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage,mode,expected", [
+    ("form", "form", {"form"}),
+    ("context", "context", {"mimicking", "context_linear"}),
+    ("fused", "add", {"mimicking", "context_linear"}),
+    ("fused", "shallow", {"gate"}),
+])
+def test_each_stage_trains_only_its_parameters(tiny_bert, stage, mode, expected):
+    model = Bertram.create(mode, str(tiny_bert), NgramVocab.build(WORDS * 4) if mode != "context" else None)
+    names = trainable_parameters(model, stage)
+    assert {n.split(".")[0] for n in names} == expected
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert all(not n.startswith(tuple(expected)) for n in frozen) and (frozen or stage == "form")
+
+
+# --- the Ray Train stage ------------------------------------------------------------------
+
+
+def _write_inputs(root: str, base_model: str, n_contexts: int = 24) -> tuple[str, str]:
+    """A small preprocessed output and targets (the LM's own embeddings) for `base_model`."""
+    from transformers import AutoModel
+
+    rng = random.Random(0)
+    pre, tgt = storage.join(root, "pre"), storage.join(root, "targets")
+    counts = {w: 100 + 150 * i for i, w in enumerate(WORDS)}
+    counts["rare"] = 3
+    storage.write_parquet(storage.join(pre, "vocab.parquet"),
+                          pa.table({"word": list(counts), "count": list(counts.values())}))
+    rows = []
+    for w in WORDS:
+        ctxs = set()
+        while len(ctxs) < n_contexts:
+            words = [rng.choice(FILLER + WORDS) for _ in range(rng.randint(3, 8))]
+            words.insert(rng.randint(0, len(words)), w)
+            ctxs.add(" ".join(words))
+        rows.append((w, counts[w], sorted(ctxs)))
+    buckets = bucket_of([w for w, _, _ in rows], 2)
+    for b in range(2):
+        part = [r for r, k in zip(rows, buckets) if k == b]
+        storage.write_parquet(storage.join(pre, "contexts", f"bucket-{b:05d}.parquet"),
+                              pa.table({"word": [r[0] for r in part], "count": [r[1] for r in part],
+                                        "contexts": [r[2] for r in part]}))
+    manifest.write(pre, "preprocess", {"min_count_target": 100}, time.time(), target_words=len(WORDS))
+    lm = AutoModel.from_pretrained(base_model)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_model)
+    emb = lm.get_input_embeddings().weight.detach().numpy()
+    vectors = [emb[tok.convert_tokens_to_ids(w)].tolist() for w in WORDS]
+    storage.write_parquet(storage.join(tgt, "targets.parquet"),
+                          pa.table({"word": WORDS, "vector": pa.array(vectors, pa.list_(pa.float32())),
+                                    "source": ["embedding"] * len(WORDS), "ota_loss": [None] * len(WORDS)}))
+    manifest.write(tgt, "targets", {}, time.time(), min_count=100, words=len(WORDS))
+    return pre, tgt
+
+
+@pytest.fixture
+def inputs(tmp_path, tiny_bert):
+    return _write_inputs(str(tmp_path), str(tiny_bert))
+
+
+def _config(stage, pre, tgt, model, output, **kw):
+    from jobs.train import TrainConfig
+
+    base = dict(stage=stage, preprocessed=pre, targets=tgt, model=str(model), output=output, num_workers=1,
+                log_every=1, checkpoint_every=1000, max_seq_length=32, lr=5e-3, batch_size=32, max_failures=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_form_context_fuse_fused_each_run_and_lower_the_loss(ray_local, inputs, tiny_bert, tmp_path):
+    from jobs.fuse import FuseConfig, fuse
+    from jobs.train import train
+
+    pre, tgt = inputs
+    out = {}
+    for stage, kw in (("form", dict(epochs=8, lr=0.05, batch_size=4)), ("context", dict(epochs=3))):
+        out[stage] = str(tmp_path / stage)
+        m = train(_config(stage, pre, tgt, tiny_bert, out[stage], num_workers=0, **kw))
+        losses = [loss for _, loss in m["losses"]]
+        assert m["steps"] == sum(m["steps_per_epoch"]) and m["world_size"] == 1
+        assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), (stage, losses)
+        assert storage.exists(storage.join(out[stage], "loss.png"))
+    fuse(FuseConfig(form=out["form"], context=out["context"], mode="add", output=str(tmp_path / "fused-init")))
+    m = train(_config("fused", pre, tgt, tiny_bert, str(tmp_path / "fused"), init=str(tmp_path / "fused-init"),
+                      num_workers=0, epochs=2))
+    assert m["mode"] == "add" and m["steps"] > 0
+    assert {n.split(".")[0] for n in m["trained_parameters"]} == {"mimicking", "context_linear"}
+    model = Bertram.from_pretrained(str(tmp_path / "fused"))
+    assert model.config.mode == "add"
+
+
+def test_two_workers_ddp_on_gloo_split_the_data_and_stay_identical(ray_local, inputs, tiny_bert, tmp_path):
+    from jobs.train import train
+
+    pre, tgt = inputs
+    one = train(_config("context", pre, tgt, tiny_bert, str(tmp_path / "one"), epochs=2, num_workers=1))
+    two = train(_config("context", pre, tgt, tiny_bert, str(tmp_path / "two"), epochs=2, num_workers=2,
+                        cpus_per_worker=1))
+    assert two["world_size"] == 2
+    # Each rank trains on its own half: the ranks together see every instance exactly once.
+    assert two["steps"] * 2 == pytest.approx(one["steps"], abs=4)
+    assert sum(two["steps_per_epoch"]) == two["steps"]
+    progress = two["param_checksums"]
+    assert len(progress) == 2 and progress[0] == progress[1]  # DDP kept the ranks' parameters identical
+    assert storage.exists(storage.join(str(tmp_path / "two"), "checkpoints", "bertram-context"))
+
+
+def test_a_killed_run_resumes_where_it_stopped_with_the_same_losses(ray_local, inputs, tiny_bert, tmp_path):
+    from jobs.train import train
+
+    pre, tgt = inputs
+    kw = dict(epochs=3, checkpoint_every=5, log_every=5)
+    full = train(_config("context", pre, tgt, tiny_bert, str(tmp_path / "full"), **kw))
+    out = str(tmp_path / "killed")
+    with pytest.raises(Exception):  # the worker dies at step 12; no retries allowed
+        train(_config("context", pre, tgt, tiny_bert, out, fault_at_step=12, **kw))
+    assert not manifest.is_complete(out)
+    resumed = train(_config("context", pre, tgt, tiny_bert, out, fault_at_step=12, **kw))
+    assert resumed["steps"] == full["steps"]
+    # Loss per 5-step window after the checkpoint at step 10 (the epoch-end windows are shorter).
+    after = {s: v for s, v in resumed["losses"] if s > 10}
+    expected = {s: v for s, v in full["losses"] if s > 10}
+    assert after.keys() == expected.keys()
+    assert all(abs(after[s] - expected[s]) < 1e-5 for s in after), (after, expected)
+
+
+def test_a_worker_fault_restarts_from_the_last_checkpoint_and_finishes(ray_local, inputs, tiny_bert, tmp_path):
+    from jobs.train import train
+
+    pre, tgt = inputs
+    m = train(_config("context", pre, tgt, tiny_bert, str(tmp_path / "fault"), epochs=2, num_workers=2,
+                      cpus_per_worker=1, checkpoint_every=4, log_every=4, fault_at_step=6, max_failures=1))
+    assert m["steps"] == sum(m["steps_per_epoch"]) and manifest.is_complete(str(tmp_path / "fault"))
+
+
+def test_checkpoints_and_model_on_s3(ray_local, s3_bucket, tiny_bert, tmp_path):
+    from jobs.train import train
+
+    pre, tgt = _write_inputs(s3_bucket + "/in", str(tiny_bert))
+    output = s3_bucket + "/form"
+    m = train(_config("form", pre, tgt, tiny_bert, output, epochs=2, batch_size=4, checkpoint_every=3))
+    assert m["steps"] > 3
+    assert any("checkpoint_" in f.uri for f in storage.list_files(storage.join(output, "checkpoints")))
+    model = Bertram.from_pretrained(output)
+    assert model.config.mode == "form" and model.ngram_vocab is not None
+
+
+def test_bad_configs_fail_before_any_worker_starts(inputs, tiny_bert, tmp_path):
+    from jobs.fuse import FuseConfig  # noqa: F401
+    from jobs.train import train
+
+    pre, tgt = inputs
+    with pytest.raises(ConfigError, match="--smin .* larger than --smax"):
+        _config("context", pre, tgt, tiny_bert, str(tmp_path / "x"), smin=8, smax=4)
+    with pytest.raises(ConfigError, match="none has count >= 100000"):
+        train(_config("context", pre, tgt, tiny_bert, str(tmp_path / "x"), min_count=100_000))
+    with pytest.raises(ConfigError, match="--targets .* no complete jobs.targets output"):
+        train(_config("context", pre, str(tmp_path / "missing"), tiny_bert, str(tmp_path / "x")))
+    form_dir = str(tmp_path / "form-model")
+    Bertram.create("form", str(tiny_bert), NgramVocab.build(WORDS * 4)).save_pretrained(form_dir)
+    with pytest.raises(ConfigError, match="is a 'form' model; the fused stage needs a fused one"):
+        train(_config("fused", pre, tgt, tiny_bert, str(tmp_path / "x"), init=form_dir))
+    with pytest.raises(ConfigError, match="needs --init"):
+        _config("fused", pre, tgt, tiny_bert, str(tmp_path / "x"))
