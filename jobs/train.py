@@ -30,6 +30,7 @@ from pipeline.train import STAGES, LoopSettings, Sampling
 
 OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer", "loss.png", "checkpoints",
                 "train_config.json")
+OPERATIONAL = ("log_every", "fault_at_step", "max_failures", "keep_checkpoints", "num_cpus", "overwrite")
 STAGE_DEFAULTS = {  # epochs, lr, smin, smax, batch_size: the reference's settings per stage
     "form": dict(epochs=20, lr=0.01, smin=1, smax=1, batch_size=64),
     "context": dict(epochs=5, lr=5e-5, smin=4, smax=32, batch_size=256),
@@ -185,7 +186,8 @@ def train(config: TrainConfig) -> dict:
     inputs = {"preprocessed_at": pre["finished_at"], "targets_at": tgt["finished_at"],
               "init_at": manifest.read(config.init)["finished_at"] if config.init and manifest.is_complete(config.init)
               else None}
-    settings = to_dict(config)
+    # How the run is operated does not change its result: those may differ when resuming.
+    settings = {k: v for k, v in to_dict(config).items() if k not in OPERATIONAL}
     if manifest.reusable(output, f"train {config.stage}", settings, config.overwrite, inputs):
         log(f"train {config.stage}: {storage.redact(output)} is complete (manifest.json); skipping. "
             "Use --overwrite to redo.")
@@ -341,7 +343,8 @@ def _finish(config: TrainConfig, result, tokenizer, mode: str, inputs: dict, sta
     storage.write_bytes(storage.join(config.output, "loss.png"), _loss_png(progress["losses"], config.stage))
     seconds = max(progress["train_seconds"], 1e-9)
     losses = progress["losses"]
-    out = manifest.write(config.output, f"train {config.stage}", to_dict(config), started, inputs=inputs,
+    settings = {k: v for k, v in to_dict(config).items() if k not in OPERATIONAL}
+    out = manifest.write(config.output, f"train {config.stage}", settings, started, inputs=inputs,
                          mode=mode, words=words, excluded_words=excluded, steps=progress["step"],
                          steps_per_epoch=per_epoch, world_size=progress["world_size"],
                          final_loss=losses[-1][1] if losses else None, best_loss=progress["best_loss"],

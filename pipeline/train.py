@@ -269,6 +269,23 @@ def trainable_parameters(model: Bertram, stage: str, finetune_encoder: bool = Fa
     return names
 
 
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """`clip_grad_norm_` that also takes sparse gradients (the form stage's n-gram table on CPU)."""
+    if not any(p.grad is not None and p.grad.is_sparse for p in params):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    squares = 0.0
+    for p in params:
+        if p.grad is not None:
+            p.grad = p.grad.coalesce() if p.grad.is_sparse else p.grad
+            squares += float((p.grad._values() if p.grad.is_sparse else p.grad).pow(2).sum())
+    norm = squares ** 0.5
+    if norm > max_norm:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (norm + 1e-6))
+
+
 def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
     """Learning-rate factor: linear warm-up to 1 over `warmup_steps`, then linear decay to 0 at `total_steps`."""
     if step < warmup_steps:
@@ -351,7 +368,13 @@ def train_loop(config: dict) -> None:
     model, tokenizer = build_model(s)
     trained = trainable_parameters(model, s.stage, s.finetune_encoder, s.optimize_only_combinator)
     params = [p for p in model.parameters() if p.requires_grad]
-    if s.stage == "form":
+    if s.stage == "form" and device.type == "cpu":
+        # A batch touches a few hundred of the (often 10^5+) n-gram rows: sparse gradients and
+        # lazy Adam update only those, where dense Adam would sweep the whole table every step.
+        # (gloo all-reduces sparse gradients; NCCL cannot, so GPUs keep dense Adam.)
+        model.form.embedding.sparse = True
+        optimizer = torch.optim.SparseAdam(params, lr=s.lr)
+    elif s.stage == "form":
         optimizer = torch.optim.Adam(params, lr=s.lr)
     else:
         optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
@@ -460,7 +483,7 @@ def train_loop(config: dict) -> None:
         else:
             (loss / s.grad_accumulation).backward()
         if update:
-            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            clip_gradients(params, s.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -220,6 +220,10 @@ def test_two_workers_ddp_on_gloo_split_the_data_and_stay_identical(ray_local, in
     progress = two["param_checksums"]
     assert len(progress) == 2 and progress[0] == progress[1]  # DDP kept the ranks' parameters identical
     assert storage.exists(storage.join(str(tmp_path / "two"), "checkpoints", "bertram-context"))
+    # The form stage's sparse n-gram gradients are all-reduced too (gloo).
+    form = train(_config("form", pre, tgt, tiny_bert, str(tmp_path / "form"), epochs=2, batch_size=4, num_workers=2,
+                         cpus_per_worker=1))
+    assert form["world_size"] == 2 and len(set(form["param_checksums"])) == 1
 
 
 def test_a_killed_run_resumes_where_it_stopped_with_the_same_losses(ray_local, inputs, tiny_bert, tmp_path):
@@ -279,3 +283,15 @@ def test_bad_configs_fail_before_any_worker_starts(inputs, tiny_bert, tmp_path):
         train(_config("fused", pre, tgt, tiny_bert, str(tmp_path / "x"), init=form_dir))
     with pytest.raises(ConfigError, match="needs --init"):
         _config("fused", pre, tgt, tiny_bert, str(tmp_path / "x"))
+
+
+def test_gradient_clipping_handles_sparse_and_dense_gradients_alike():
+    from pipeline.train import clip_gradients
+
+    dense, sparse = torch.nn.Embedding(10, 4), torch.nn.Embedding(10, 4, sparse=True)
+    sparse.weight.data.copy_(dense.weight.data)
+    for emb in (dense, sparse):
+        (emb(torch.tensor([1, 2, 2])).sum() * 10).backward()
+        clip_gradients(list(emb.parameters()), 1.0)
+    assert torch.allclose(sparse.weight.grad.to_dense(), dense.weight.grad, atol=1e-6)
+    assert dense.weight.grad.norm() == pytest.approx(1.0, rel=1e-4)
