@@ -45,6 +45,10 @@ def main() -> None:
     p.add_argument("--max_seq_length", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=1)
     p.add_argument("--cpus_per_worker", type=float, default=2)
+    p.add_argument("--fused_min_count", type=int, default=None,
+                   help="train the fused stage only on words with at least this count (a shorter run)")
+    p.add_argument("--context_model", default=None,
+                   help="use this trained context model (e.g. a checkpoint directory) instead of training one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default="benchmarks/results/quality.md")
     args = p.parse_args()
@@ -63,15 +67,19 @@ def main() -> None:
                   num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker, smax=args.smax,
                   max_seq_length=args.max_seq_length, log_every=200, checkpoint_every=2000)
     timings, out = {}, {s: storage.join(args.output, s) for s in ("form", "context", "fused-init", "fused")}
+    if args.context_model:
+        out["context"] = args.context_model
     for stage, extra in (("form", dict(epochs=args.form_epochs, smax=None)),
                          ("context", dict(epochs=args.context_epochs, lr=args.context_lr))):
+        if stage == "context" and args.context_model:
+            continue
         t0 = time.time()
         train(TrainConfig(**{**common, **extra}, stage=stage, output=out[stage]))
         timings[stage] = time.time() - t0
     fuse(FuseConfig(form=out["form"], context=out["context"], mode="add", output=out["fused-init"]))
     t0 = time.time()
     train(TrainConfig(**common, stage="fused", init=out["fused-init"], output=out["fused"],
-                      epochs=args.fused_epochs, lr=args.context_lr))
+                      epochs=args.fused_epochs, lr=args.context_lr, min_count=args.fused_min_count))
     timings["fused"] = time.time() - t0
 
     from transformers import AutoModel, AutoTokenizer

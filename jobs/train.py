@@ -16,6 +16,7 @@ finished output is skipped; `--overwrite` starts again from scratch.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 
@@ -226,7 +227,7 @@ def train(config: TrainConfig) -> dict:
     from pipeline import train as training
 
     targets_ref = ray.put(table)
-    buckets = [f.uri for f in storage.list_files(storage.join(config.preprocessed, "contexts"))]
+    buckets = [storage.absolute(f.uri) for f in storage.list_files(storage.join(config.preprocessed, "contexts"))]
     bucket_ids = [int(uri.rsplit("bucket-", 1)[1].split(".")[0]) for uri in buckets]
     # --- Ray Data: which words each bucket trains on (counts only; the plan is computed here).
     sizes = ray.data.from_items([{"bucket": b, "uri": u} for b, u in zip(bucket_ids, buckets)],
@@ -249,7 +250,11 @@ def train(config: TrainConfig) -> dict:
     if config.stage == "form":
         all_words = vocab.read_vocab(config.preprocessed)["word"].to_pylist()
         ngram_vocab = NgramVocab.build(all_words, min_count=config.ngram_min_count).to_json()
-    loop = LoopSettings(stage=config.stage, mode=mode, base_model=model_path, init=config.init,
+    # Workers run elsewhere (another directory, another node): they get absolute local paths.
+    local_model = storage.is_local(model_path) and os.path.exists(model_path)
+    loop = LoopSettings(stage=config.stage, mode=mode,
+                        base_model=storage.absolute(model_path) if local_model else model_path,
+                        init=storage.absolute(config.init) if config.init else None,
                         ngram_vocab=ngram_vocab, total_steps=sum(per_epoch), epochs=config.epochs, lr=config.lr,
                         warmup_fraction=config.warmup_fraction, weight_decay=config.weight_decay,
                         grad_accumulation=config.grad_accumulation, max_grad_norm=config.max_grad_norm,
@@ -308,14 +313,14 @@ def _fit(config: TrainConfig, loop: LoopSettings, sampling: Sampling, buckets: l
     ingest.preserve_order = True  # every worker must see the batches in the same order
     ds.context.execution_options.preserve_order = True  # (local mode reads the dataset as is)
     # ---
-    fs, path = storage.filesystem(checkpoints)  # our S3 settings (endpoint, timeouts, retries)
+    fs, path = storage.filesystem(checkpoints)  # (local paths come back absolute)  # our S3 settings (endpoint, timeouts, retries)
     scaling = ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                             resources_per_worker={"CPU": config.cpus_per_worker} if config.cpus_per_worker else None)
     trainer = TorchTrainer(
         training.train_loop,
         train_loop_config={"settings": dataclasses.asdict(loop), "cpus_per_worker": config.cpus_per_worker,
                            "local_mode": config.num_workers == 0,
-                           "fault_marker": storage.join(checkpoints, run_name, "fault-drill-done")},
+                           "fault_marker": storage.absolute(storage.join(checkpoints, run_name, "fault-drill-done"))},
         scaling_config=scaling, datasets={"train": ds},
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
         run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,

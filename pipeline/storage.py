@@ -64,6 +64,11 @@ def local_path(uri: str) -> str:
     return urlsplit(uri).path if scheme(uri) == "file" else uri
 
 
+def absolute(uri: str) -> str:
+    """`uri` with a local path made absolute: what Ray workers, whose working directory differs, can open."""
+    return os.path.abspath(local_path(uri)) if is_local(uri) else uri
+
+
 def redact(uri: str) -> str:
     """The URI without user:password@ or query-string secrets, safe to print and to store."""
     parsed = urlsplit(uri)

@@ -184,7 +184,7 @@ def _config(stage, pre, tgt, model, output, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_form_context_fuse_fused_each_run_and_lower_the_loss(ray_local, inputs, tiny_bert, tmp_path):
+def test_form_context_fuse_fused_each_run_and_lower_the_loss(ray_local, inputs, tiny_bert, tmp_path, monkeypatch):
     from jobs.fuse import FuseConfig, fuse
     from jobs.train import train
 
@@ -198,8 +198,9 @@ def test_form_context_fuse_fused_each_run_and_lower_the_loss(ray_local, inputs, 
         assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), (stage, losses)
         assert storage.exists(storage.join(out[stage], "loss.png"))
     fuse(FuseConfig(form=out["form"], context=out["context"], mode="add", output=str(tmp_path / "fused-init")))
-    m = train(_config("fused", pre, tgt, tiny_bert, str(tmp_path / "fused"), init=str(tmp_path / "fused-init"),
-                      num_workers=0, epochs=2))
+    # Relative paths, on a real worker (whose working directory is not ours).
+    monkeypatch.chdir(tmp_path)
+    m = train(_config("fused", pre, tgt, tiny_bert, "fused", init="fused-init", num_workers=1, epochs=2))
     assert m["mode"] == "add" and m["steps"] > 0
     assert {n.split(".")[0] for n in m["trained_parameters"]} == {"mimicking", "context_linear"}
     model = Bertram.from_pretrained(str(tmp_path / "fused"))
