@@ -20,6 +20,7 @@ import platform
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
@@ -90,7 +91,7 @@ def main() -> None:
     contexts = {}
     for f in storage.list_files(storage.join(args.preprocessed, "contexts")):
         bucket = storage.read_parquet(f.uri)
-        bucket = bucket.filter(pc.is_in(bucket["word"], held))
+        bucket = bucket.filter(pc.is_in(bucket["word"], pa.array(held, pa.string())))
         contexts.update(zip(bucket["word"].to_pylist(), bucket["contexts"].to_pylist()))
     models = {name: infer.load(out[stage]) for name, stage in
               (("form", "form"), ("context", "context"), ("fused add", "fused"))}
