@@ -46,7 +46,7 @@ class TrainOptions:
     epochs: int | None = None
     """Passes over the training words; default 20 (form), 5 (context), 3 (fused)."""
     lr: float | None = None
-    """Peak learning rate; default 0.01 (form, Adam), 5e-5 (context and fused, AdamW)."""
+    """Peak learning rate; default 0.01 (form: Adam, sparse lazy Adam on CPU), 5e-5 (context and fused: AdamW)."""
     smin: int | None = None
     """Fewest contexts per training instance; default 1 (form), 4 (context, fused)."""
     smax: int | None = None
