@@ -81,6 +81,7 @@ class CpuMonitor:
         self.interval, self.me, self.tick = interval, os.getpid(), os.sysconf("SC_CLK_TCK")
         self.last: dict[int, float] = {}  # cumulative CPU seconds of each of our processes at the last sample
         self.used: dict[tuple[str, str], float] = {}  # CPU seconds since the start, by (group, title)
+        self.timeline: list[tuple[float, str, float]] = []  # (seconds since the start, group, CPU seconds)
         self.started: float | None = None
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -112,6 +113,7 @@ class CpuMonitor:
         return "Ray daemons", os.path.basename(name) if "/" in name else name
 
     def _sample(self) -> None:
+        now = time.perf_counter()
         stats, parent = {}, {}
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
@@ -135,6 +137,11 @@ class CpuMonitor:
             self.last[pid] = cpu
             if delta > 0:  # counted under the title the process has now (Ray workers change it per task)
                 self.used[where] = self.used.get(where, 0.0) + delta
+                self.timeline.append((now - self.started, where[0], delta))
+        if self.started is not None:
+            busy = self._machine_busy()
+            self.timeline.append((now - self.started, "machine", (busy - self.busy_last) / self.tick))
+            self.busy_last = busy
 
     def _run(self) -> None:
         while not self.stop_event.wait(self.interval):
@@ -143,7 +150,7 @@ class CpuMonitor:
     def __enter__(self) -> "CpuMonitor":
         self._sample()
         self.started = time.perf_counter()
-        self.busy0 = self._machine_busy()
+        self.busy0 = self.busy_last = self._machine_busy()
         self.thread.start()
         return self
 
@@ -160,7 +167,13 @@ class CpuMonitor:
             used[group] += seconds
         titles = sorted(((s, f"{t}") for (g, t), s in self.used.items() if g in ("other Ray workers", "Ray daemons")),
                         reverse=True)
-        return {"wall_s": self.wall, "machine_s": self.machine, **used,
+        lo, hi = self.wall / 4, self.wall * 3 / 4  # the middle half of the run: cores used per group
+        middle = {g: 0.0 for g in (*self.GROUPS, "machine")}
+        for t, group, seconds in self.timeline:
+            if lo < t <= hi:
+                middle[group] += seconds / (hi - lo)
+        middle["not ours"] = max(0.0, middle.pop("machine") - sum(middle.values()))
+        return {"wall_s": self.wall, "machine_s": self.machine, **used, "middle": middle,
                 "not ours": max(0.0, self.machine - sum(used.values())),
                 "top": [(t, round(s, 1)) for s, t in titles[:6] if s >= 0.5]}
 
@@ -193,6 +206,12 @@ def work_items(args: argparse.Namespace) -> list[dict]:
             for p, b in enumerate(b for b in bucket_order(max(uri_of) + 1, e, SEED) if b in uri_of)]
 
 
+def targets_table(args: argparse.Namespace):
+    from pipeline import storage
+
+    return storage.read_parquet(storage.join(args.targets, "targets.parquet")).select(["word", "vector"])
+
+
 def count_steps(args: argparse.Namespace, targets, world_size: int) -> int:
     """Steps of one rank over the run (the stage's `steps_per_epoch`, summed): sets the LR schedule."""
     from pipeline import storage
@@ -217,7 +236,7 @@ def plain_loop(args: argparse.Namespace, rank: int = 0, world_size: int = 1, bar
     from pipeline.train import Collate, epoch_bucket_batches, linear_warmup_decay, trainable_parameters
 
     model_path = resolve_model(args.model)
-    targets = storage.read_parquet(storage.join(args.targets, "targets.parquet")).select(["word", "vector"])
+    targets = targets_table(args)
     sampling = sampling_for(args, world_size)
     items = work_items(args)
     total_updates = max(1, count_steps(args, targets, world_size))
@@ -240,6 +259,7 @@ def plain_loop(args: argparse.Namespace, rank: int = 0, world_size: int = 1, bar
     read_s = collate_s = step_s = 0.0
     steps = words = contexts = 0
     loss_sum = 0.0
+    trace = []  # (seconds since the start, words, contexts) after each step
     t_start = time.perf_counter()
     for item in items:
         t0 = time.perf_counter()
@@ -264,10 +284,24 @@ def plain_loop(args: argparse.Namespace, rank: int = 0, world_size: int = 1, bar
             loss_sum += loss.item() * len(target)
             steps, words, contexts = steps + 1, words + len(target), contexts + n_contexts
             step_s += time.perf_counter() - t1
+            trace.append((time.perf_counter() - t_start, words, contexts, loss_sum))
     seconds = time.perf_counter() - t_start
     return {"seconds": seconds, "steps": steps, "words": words, "contexts": contexts, "read_s": read_s,
             "collate_s": collate_s, "step_s": step_s, "loss": loss_sum / words if words else float("nan"),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "trace": trace,
+            "steady": steady_of_trace(trace) if len(trace) > 1 else None}
+
+
+def probe_step(steps: int) -> int:
+    """The step after which the steady-state rate is measured: a quarter into the run."""
+    return max(1, steps // 4)
+
+
+def steady_of_trace(trace: list[tuple[float, int, int, float]]) -> dict:
+    """Words and contexts trained after the first quarter of the steps, and the time they took."""
+    k = probe_step(len(trace))
+    (t0, w0, c0, _), (t1, w1, c1, _) = trace[k - 1], trace[-1]
+    return {"from_step": k, "seconds": t1 - t0, "words": w1 - w0, "contexts": c1 - c0}
 
 
 def _ceiling_child(args, rank, barrier, queue) -> None:
@@ -290,6 +324,11 @@ def plain_two_processes(args: argparse.Namespace) -> dict:
             raise RuntimeError(f"a plain-loop process exited with {p.exitcode}")
     seconds = max(r["seconds"] for r in results.values())  # both started together; the slower one ends the run
     out = {k: sum(r[k] for r in results.values()) for k in ("steps", "words", "contexts")}
+    k = probe_step(len(results[0]["trace"]))
+    after = max(r["trace"][-1][0] - r["trace"][k - 1][0] for r in results.values())
+    out["steady"] = {"from_step": k, "seconds": after,
+                     "words": sum(r["trace"][-1][1] - r["trace"][k - 1][1] for r in results.values()),
+                     "contexts": sum(r["trace"][-1][2] - r["trace"][k - 1][2] for r in results.values())}
     return {**out, "seconds": seconds, "per_rank_s": [results[r]["seconds"] for r in sorted(results)],
             "step_s": max(r["step_s"] for r in results.values()),
             "collate_s": max(r["collate_s"] for r in results.values()),
@@ -298,32 +337,68 @@ def plain_two_processes(args: argparse.Namespace) -> dict:
 
 # --- (b), (c): the Ray Train stage --------------------------------------------------------
 
-def ray_stage(args: argparse.Namespace, workdir: Path, workers: int) -> dict:
+def ray_stage(args: argparse.Namespace, workdir: Path, workers: int, steps_per_rank: int) -> dict:
+    """Run the stage; also reads the rate after its first quarter from a checkpoint a quarter in.
+
+    `checkpoint_every` is a quarter of the run, so the stage writes checkpoints at 1/4,
+    2/4, 3/4 (and the end); their `progress.json` holds the examples, contexts and
+    `train_seconds` so far. Checkpoint writes are outside `train_seconds`.
+    """
+    import json
+
     from jobs.train import TrainConfig, train
 
+    every = probe_step(steps_per_rank)
+    output = workdir / f"ray-{workers}w"
     config = TrainConfig(stage="context", preprocessed=args.preprocessed, targets=args.targets, model=args.model,
-                         output=str(workdir / f"ray-{workers}w"), run_name=f"bench-{workers}w-{os.getpid()}",
+                         output=str(output), run_name=f"bench-{workers}w-{os.getpid()}",
                          epochs=args.epochs, lr=LR, smin=args.smin, smax=args.smax, batch_size=args.batch_size,
                          min_count=args.min_count, max_seq_length=args.max_seq_length, num_workers=workers,
-                         cpus_per_worker=1, log_every=10**9, checkpoint_every=10**9, max_failures=0, seed=SEED,
-                         overwrite=True)
+                         cpus_per_worker=1, log_every=10**9, checkpoint_every=every, keep_checkpoints=100,
+                         max_failures=0, seed=SEED, overwrite=True)
     t0 = time.perf_counter()
     manifest = train(config)
     wall = time.perf_counter() - t0
-    seconds = manifest["train_seconds"]
+    probes = sorted((json.loads(p.read_text()) for p in output.glob("checkpoints/**/progress.json")),
+                    key=lambda p: p["step"])
+    if probes and probes[-1]["step"] == manifest["steps"]:  # the final checkpoint: exact totals
+        seconds, words, contexts = probes[-1]["train_seconds"], probes[-1]["examples"], probes[-1]["contexts"]
+    else:
+        seconds = manifest["train_seconds"]
+        words, contexts = round(manifest["examples_per_s"] * seconds), round(manifest["contexts_per_s"] * seconds)
+    first = next((p for p in probes if p["step"] == every), None)
+    steady = None
+    if first is not None and manifest["steps"] > every:
+        steady = {"from_step": every, "seconds": seconds - first["train_seconds"],
+                  "words": words - first["examples"], "contexts": contexts - first["contexts"]}
     return {"seconds": seconds, "wall_s": wall, "steps": manifest["steps"], "world_size": manifest["world_size"],
             "words_per_s": manifest["examples_per_s"], "contexts_per_s": manifest["contexts_per_s"],
-            "words": round(manifest["examples_per_s"] * seconds),
-            "contexts": round(manifest["contexts_per_s"] * seconds),
-            "loss": manifest["final_loss"], "train_words": manifest["words"]}
+            "words": words, "contexts": contexts, "steady": steady,
+            "loss": manifest["final_loss"], "losses": manifest["losses"], "train_words": manifest["words"]}
 
 
 # --- report -----------------------------------------------------------------------------
 
 def rates(r: dict) -> tuple[float, float]:
-    if "words_per_s" in r:
-        return r["words_per_s"], r["contexts_per_s"]
     return r["words"] / r["seconds"], r["contexts"] / r["seconds"]
+
+
+def steady_rate(r: dict) -> float | None:
+    st = r.get("steady")
+    return st["words"] / st["seconds"] if st and st["seconds"] > 0 else None
+
+
+def max_window_loss_diff(plain: dict, stage: dict) -> float:
+    """Largest difference between the stage's per-window losses and the plain loop's over the same steps."""
+    trace, worst, prev = plain["trace"], 0.0, 0
+    for step, loss in stage["losses"]:
+        if step > len(trace):
+            return float("inf")
+        words = trace[step - 1][1] - (trace[prev - 1][1] if prev else 0)
+        loss_sum = trace[step - 1][3] - (trace[prev - 1][3] if prev else 0.0)
+        worst = max(worst, abs(loss_sum / words - loss))
+        prev = step
+    return worst
 
 
 def verdict(ok: bool) -> str:
@@ -354,24 +429,36 @@ def render_report(command: str, args: argparse.Namespace, runs: dict, loads: dic
         f"{args.smin}..{args.smax} contexts per instance, batches of ~{args.batch_size} contexts, max sequence "
         f"length {args.max_seq_length}, seed {SEED}, AdamW lr {LR}.", "",
         "| configuration | steps | timed s | words/s | contexts/s | vs (a) | vs (b) | `train()` wall s "
-        "| others' load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| steady words/s | start-up in timed s | others' load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r, vs_a, vs_b in rows:
         w, cx = rates(r)
         wall = f"{r['wall_s']:.1f}" if "wall_s" in r else ""
         others = f"{r['cpu']['not ours'] / r['cpu']['wall_s']:.2f}" if "cpu" in r else ""
+        st = steady_rate(r)
+        steady = f"{st:.2f}" if st else ""
+        startup = f"{r['seconds'] - r['words'] / st:.1f}" if st else ""
         out.append(f"| {name} | {r['steps']} | {r['seconds']:.1f} | {w:.2f} | {cx:.1f} | {vs_a} | {vs_b} | {wall} | "
-                   f"{others} |")
+                   f"{steady} | {startup} | {others} |")
     out += [
         "",
         "Targets:",
         f"* Ray overhead at 1 worker, (b) >= 0.9 × (a): (b)/(a) = {b_w / a_w:.2f} — {verdict(b_w >= 0.9 * a_w)}.",
         f"* 2 workers on 2 cores, (c) >= 1.6 × (b): (c)/(b) = {c_w / b_w:.2f} — {verdict(c_w >= 1.6 * b_w)}.",
+        *([f"* The same ratios at the steady rates (after the first quarter of the steps): (b)/(a) = "
+           f"{steady_rate(b) / steady_rate(a):.2f}, (c)/(b) = {steady_rate(c) / steady_rate(b):.2f}"
+           + (f", (a2)/(a) = {steady_rate(a2) / steady_rate(a):.2f}" if a2 and steady_rate(a2) else "") + "."]
+          if all(steady_rate(r) for r in (a, b, c)) else []),
         "",
         "Notes:",
         "* others' load: CPU cores that processes other than this benchmark's used, on average, during the run "
         "(the CPU table below); 0.00 is a quiet machine, 1.00 means one of the 2 cores went to someone else.",
+        "* steady words/s: the rate after the first quarter of each rank's steps (Ray: from the progress.json of "
+        "the checkpoint the stage writes a quarter in; `checkpoint_every` is set to a quarter of the run, and "
+        "checkpoint writes are outside `train_seconds`). start-up in timed s = timed s − words / steady words/s: "
+        "the part of the timed region not explained by the steady rate (for Ray: waiting for the first batches "
+        "while Ray Data starts its task workers).",
         "* words/s = training words (instances) per second, the stage's `examples_per_s`; contexts/s counts the "
         "contexts actually encoded (after dropping contexts that lost their word).",
         "* (a) is timed from its first bucket read to its last optimiser step and *includes* reading each bucket, "
@@ -385,10 +472,10 @@ def render_report(command: str, args: argparse.Namespace, runs: dict, loads: dic
         "it includes waiting for the first batch from Ray Data). `train()` wall s is the whole call: Ray Data "
         "planning pass, worker group start-up, model load on the worker, checkpoint and final model writes "
         "(Ray itself was already started).",
-        f"* Same work on both sides: (a) and (b) train the same batches in the same order; their mean loss over "
-        f"the run is {a['loss']:.6f} (a) and {b['loss']:.6f} (b, `final_loss`: one report window covers the run). "
-        f"(c) trains a world-size-2 plan (its batch count rounded up to an even number per bucket); loss "
-        f"{c['loss']:.6f}.",
+        f"* Same work on both sides: (a) and (b) train the same batches in the same order and the same way: "
+        f"their losses in the stage's {len(b['losses'])} report windows (one per quarter checkpoint and the end) "
+        f"differ by at most {max_window_loss_diff(a, b):.2e} (loss about {b['loss']:.4f}). (c) trains the "
+        "world-size-2 plan (each bucket's batch count rounded up to an even number) with DDP.",
     ]
     if args.repeat > 1:
         out.append(f"* {args.repeat} rounds of (a), " + ("(a2), " if a2 else "") + "(b), (c) in turn; the table and "
@@ -408,6 +495,14 @@ def render_report(command: str, args: argparse.Namespace, runs: dict, loads: dic
             u = runs[key]["cpu"]
             out.append(f"| ({key}) | {u['wall_s']:.1f} | " + " | ".join(f"{u[g]:.1f}" for g in CpuMonitor.GROUPS)
                        + f" | {u['not ours']:.1f} | {u['machine_s']:.1f} ({u['machine_s'] / u['wall_s']:.2f}) |")
+    out += ["", "The same in cores (CPU seconds per second) over the middle half of each call's wall time, i.e. while "
+            "training runs (for (b), (c) after Ray Data planning and worker start-up):", "",
+            "| configuration | " + " | ".join(CpuMonitor.GROUPS) + " | not ours |",
+            "|---|" + "---:|" * (len(CpuMonitor.GROUPS) + 1)]
+    for key in ("a", "a2", "b", "c"):
+        if key in runs and "cpu" in runs[key]:
+            m = runs[key]["cpu"]["middle"]
+            out.append(f"| ({key}) | " + " | ".join(f"{m[g]:.2f}" for g in (*CpuMonitor.GROUPS, "not ours")) + " |")
     out.append("")
     for key in ("b", "c"):
         if key in runs and runs[key].get("cpu", {}).get("top"):
@@ -521,10 +616,11 @@ def main(argv: list[str] | None = None) -> None:
             DataContext.get_current().enable_progress_bars = False  # the workers' iterators would flood the log
             runs["ray_version"] = ray.__version__
             for key, workers in (("b", 1), ("c", 2)):
+                steps_per_rank = count_steps(args, targets_table(args), workers)
                 loads[f"({key}){tag}"] = loadavg()
                 say(f"({key}){tag} Ray Train, {workers} worker(s) ... (load {loads[f'({key}){tag}']})")
                 with CpuMonitor() as cpu:
-                    run = ray_stage(args, workdir, workers)
+                    run = ray_stage(args, workdir, workers, steps_per_rank)
                 all_runs[key].append({**run, "cpu": cpu.summary()})
                 say(f"({key}){tag} {run['steps']} steps in {run['seconds']:.1f} s (train() {run['wall_s']:.1f} s), "
                     f"{run['words_per_s']:.2f} words/s")
