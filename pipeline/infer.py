@@ -83,6 +83,53 @@ def load_tokenizer(uri: str, base_model: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(tmp)
 
 
+def read_words(uri: str) -> list[str]:
+    """Words of a words file (one per line; blank lines skipped, surrounding space stripped), first occurrence first."""
+    words = [line.strip() for line in storage.read_text(uri).splitlines()]
+    words = list(dict.fromkeys(w for w in words if w))
+    if not words:
+        raise storage.UserError(f"the words file {storage.redact(uri)} holds no words; write one word per line")
+    return words
+
+
+def read_contexts(uri: str, words: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """word → contexts from a contexts dataset, optionally only for `words`.
+
+    `uri` is a `jobs.preprocess` output (its `contexts/` buckets are read), a parquet file
+    or directory of parquet files with `word` and `contexts` columns, or the reference
+    bucket text format (`word<TAB>context1<TAB>context2...`, one word per line; any file
+    not ending in `.parquet`). A word listed twice gets the union of its contexts.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = None if words is None else pa.array(sorted(set(words)), pa.string())
+    base = storage.join(uri, "contexts") if storage.exists(storage.join(uri, "manifest.json")) else uri
+    files = storage.list_files(base)
+    if not files:
+        raise storage.UserError(f"--contexts {storage.redact(uri)} holds no files; give a jobs.preprocess output, "
+                                "parquet with word and contexts columns, or word<TAB>context... text")
+    merged: dict[str, dict[str, None]] = {}
+    for f in files:
+        if f.uri.endswith(".parquet"):
+            table = storage.read_parquet(f.uri)
+            if not {"word", "contexts"} <= set(table.column_names):
+                raise storage.UserError(f"{storage.redact(f.uri)} has columns {table.column_names}; a contexts "
+                                        "parquet needs 'word' and 'contexts' (list of strings)")
+            if wanted is not None:
+                table = table.filter(pc.is_in(table["word"], wanted))
+            pairs = zip(table["word"].to_pylist(), table["contexts"].to_pylist())
+        else:
+            rows = (line.split("\t") for line in storage.read_text(f.uri).splitlines() if line.strip())
+            pairs = ((r[0].strip(), [c for c in r[1:] if c.strip()]) for r in rows)
+            if wanted is not None:
+                keep = set(wanted.to_pylist())
+                pairs = ((w, cs) for w, cs in pairs if w in keep)
+        for word, contexts in pairs:
+            merged.setdefault(word, {}).update(dict.fromkeys(contexts or []))
+    return {w: list(cs) for w, cs in merged.items()}
+
+
 # ---------------------------------------------------------------------------------------
 # Inference
 
