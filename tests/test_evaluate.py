@@ -1,0 +1,87 @@
+"""The evaluation library (pipeline/evaluate.py): held-out word accounting, key-word vectors, PCA, tables.
+
+    .venv/bin/python -m pytest -q tests/test_evaluate.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from pipeline import evaluate as ev
+from pipeline import infer
+from pipeline.model import Bertram, NgramVocab
+
+WORDS = ["apple", "orange", "river", "stone", "kumquat", "tree"]
+
+
+def _model(mode: str, base: str) -> Bertram:
+    torch.manual_seed(0)
+    return Bertram.create(mode, base, NgramVocab.build(WORDS * 4, min_count=4), ngram_dropout=0.0).eval()
+
+
+def test_split_heldout_keeps_usable_contexts_and_accounts_for_every_word(tiny_bert):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    contexts = {"river": ["rivers flow", "the river is green"], "kumquat": ["a kumquat is sweet"],
+                "stone": ["stones only"], "apple": ["an apple", "apple tree"]}
+    usable, not_single, no_contexts = ev.split_heldout(["river", "kumquat", "stone", "tree", "apple"], contexts,
+                                                       tokenizer)
+    assert usable == {"river": ["the river is green"], "apple": ["an apple", "apple tree"]}
+    assert list(usable) == ["river", "apple"]  # the order of the held-out words
+    assert not_single == ["kumquat"]  # kum ##quat
+    assert no_contexts == ["stone", "tree"]
+
+
+def test_key_word_vectors_come_from_contexts_else_the_form_else_none(tiny_bert):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    contexts = {"river": ["the river is green", "a river of stone", "rivers"], "stone": ["stones only"]}
+    words = ["river", "stone", "apple"]
+    context_model = _model("context", str(tiny_bert))
+    vectors, sources = ev.key_word_vectors(context_model, tokenizer, words, contexts, max_contexts=1, seed=3)
+    assert sources == {"contexts": ["river"], "form": [], "none": ["stone", "apple"]}
+    sample = ev.sample_contexts({"river": ["the river is green", "a river of stone"]}, 1, 3)["river"]
+    assert list(vectors) == ["river"] and len(sample) == 1
+    assert torch.allclose(vectors["river"], infer.infer_vector(context_model, tokenizer, "river", sample), atol=1e-5)
+
+    add_model = _model("add", str(tiny_bert))
+    vectors, sources = ev.key_word_vectors(add_model, tokenizer, words, contexts, max_contexts=8, seed=3)
+    assert sources == {"contexts": ["river"], "form": ["stone", "apple"], "none": []}
+    form = add_model.form(add_model.ngram_vocab.encode(["stone"]))[0]
+    assert torch.allclose(vectors["stone"], form, atol=1e-6)
+
+    form_model = _model("form", str(tiny_bert))
+    assert ev.key_word_vectors(form_model, tokenizer, words, contexts, 8, 3)[1]["form"] == words
+
+
+def test_pca_2d_finds_the_plane_the_points_lie_in():
+    rng = np.random.default_rng(0)
+    plane = rng.normal(size=(2, 7))  # two directions in 7-D
+    coords = rng.normal(size=(30, 2)) * [5.0, 1.0]
+    points = coords @ plane + rng.normal(size=7)  # (30, 7), offset from the origin
+    xy = ev.pca_2d(points)
+    assert xy.shape == (30, 2)
+    centered = points - points.mean(0)
+    # Two components keep every pairwise distance of points that lie in a plane.
+    dist = lambda a: np.linalg.norm(a[:, None] - a[None], axis=-1)  # noqa: E731
+    assert np.allclose(dist(xy), dist(centered), atol=1e-8)
+    assert xy[:, 0].var() > xy[:, 1].var()  # the first component has the most variance
+
+
+def test_tables_show_a_dash_for_a_missing_number():
+    row = {"model": "m", "contexts": 1, "n": 0, "cosine": float("nan"), "median_rank": float("nan"),
+           "hits@10": float("nan")}
+    assert ev.markdown_table([row]).splitlines()[-1] == "| m | 1 | 0 | – | – | – |"
+    scores = {b: {"n": 0, "MRR": None, "P@3": None, "P@10": None, "P@100": None}
+              for b in ("rare", "medium", "frequent")}
+    scores["all"] = {"n": 2, "MRR": 0.75, "P@3": 1.0, "P@10": 1.0, "P@100": 1.0}
+    lines = ev.wnlampro_table({"plain": scores}).splitlines()
+    assert lines[2] == "| plain | rare | 0 | – | – | – | – |"
+    assert lines[-1] == "| plain | all | 2 | 0.750 | 1.000 | 1.000 | 1.000 |"
+
+
+@pytest.mark.parametrize("fixture, wordpiece", [("tiny_bert", True), ("tiny_roberta", False)])
+def test_the_baseline_needs_a_wordpiece_tokenizer(request, fixture, wordpiece):
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(fixture))
+    assert ev.is_wordpiece(tokenizer) is wordpiece
