@@ -164,13 +164,19 @@ def infer_vectors(model: Bertram, tokenizer: PreTrainedTokenizerBase, words_with
     if uses_context(mode):
         # Keep only the contexts that contain the word, so that chunks hold usable contexts
         # and a context-only model fails before any work when a word has none.
-        merged = {w: [c for c in cs if mask_word(w, c, tokenizer.mask_token) is not None] for w, cs in merged.items()}
+        merged = {w: usable_contexts(w, cs) for w, cs in merged.items()}
         if not uses_form(mode):
             _require_contexts([w for w, cs in merged.items() if not cs])
     else:
         merged = {w: [] for w in merged}  # a form model reads no contexts
     chunks = [(w, cs[i:i + max_contexts_per_chunk]) for w, cs in merged.items()
               for i in range(0, max(len(cs), 1), max_contexts_per_chunk)]
+    # A pass is padded to its longest context: passes of chunks whose longest contexts are
+    # alike keep the encoder on real tokens (in input order, 2/3 of the demo's were padding).
+    flat = [c for _, cs in chunks for c in cs]
+    lengths = iter(tokenizer(flat, add_special_tokens=False, return_length=True)["length"] if flat else [])
+    longest = [max((next(lengths) for _ in cs), default=0) for _, cs in chunks]
+    chunks = [chunks[i] for i in sorted(range(len(chunks)), key=longest.__getitem__)]
 
     sums: dict[str, torch.Tensor] = {}  # word -> sum over its chunks of size * vector
     sizes: dict[str, int] = {}
@@ -207,6 +213,12 @@ def _infer(model: Bertram, tokenizer: PreTrainedTokenizerBase, words: list[str],
         return form
     vectors = model(**t)  # (B, D)
     return torch.where((used > 0).to(device).unsqueeze(-1), vectors, form)  # (B, D)
+
+
+def usable_contexts(word: str, contexts: Iterable[str], limit: int | None = None) -> list[str]:
+    """The distinct contexts that contain `word` as a whole word (those inference reads), at most the first `limit`."""
+    usable = [c for c in dict.fromkeys(contexts) if mask_word(word, c, "[MASK]") is not None]
+    return usable[:limit]
 
 
 def _require_contexts(missing: list[str]) -> None:

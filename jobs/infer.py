@@ -1,0 +1,296 @@
+"""Infer word vectors with a trained BERTRAM model, on a Ray Data actor pool.
+
+    python -m jobs.infer --bertram out/fused --words my_words.txt --corpus data/corpus --output out/vectors
+    python -m jobs.infer --bertram s3://bucket/fused --contexts s3://bucket/pre --output s3://bucket/vectors
+    python -m jobs.infer --bertram out/fused --contexts contexts.tsv --words my_words.txt --output out/vectors
+
+Contexts come from a corpus (`--words` + `--corpus`: jobs.preprocess gathers them into
+`<output>/preprocessed`, for every listed word whatever its count) or from `--contexts` (a
+jobs.preprocess output, parquet with word and contexts columns, or the reference
+`word<TAB>context1<TAB>context2...` text); `--words` with `--contexts` keeps only those
+words. A word without contexts gets its form vector from a model with a form part.
+
+Writes `vectors.parquet` (word, vector, n_contexts = the contexts read, those that contain
+the word), `vectors.txt` (`<word> <v1> ... <vn>`) and `manifest.json` last; words in the
+order of the words file, else of --contexts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from jobs.common import connect_ray, log, main
+from jobs.preprocess import PreprocessConfig, preprocess, unmatchable_words
+from jobs.preprocess import read_words as read_corpus_words
+from pipeline import infer as bertram_infer
+from pipeline import manifest, storage
+from pipeline.config import ConfigError, to_dict
+from pipeline.model import CONFIG_NAME, NGRAMS_NAME, WEIGHTS_NAME, uses_context, uses_form
+
+OUTPUT_NAMES = ("vectors.parquet", "vectors.txt")
+PREPROCESSED = "preprocessed"  # the sub-output where --corpus contexts are gathered
+PREPROCESS_BUCKETS = 8  # an inference word list is small next to a training vocabulary
+VECTORS_SCHEMA = pa.schema([("word", pa.string()), ("vector", pa.list_(pa.float32())), ("n_contexts", pa.int32())])
+
+
+@dataclass(kw_only=True)
+class InferOptions:
+    """Settings of the inference stage (the part of its config a pipeline preset holds)."""
+
+    batch_contexts: int = 256
+    """Contexts per forward pass (several words per pass); larger on a GPU, e.g. 1024."""
+    max_contexts_per_chunk: int = 32
+    """A word with more contexts is inferred in chunks of this many; its vector is their size-weighted mean."""
+    max_seq_length: int = 128
+    """Tokens per encoder input; a longer context is cut around the word."""
+    max_contexts_per_word: int = 64
+    """At most this many contexts per word are read: a seeded sample of --corpus, the first ones of --contexts."""
+    context_window: int = 25
+    """With --corpus: a context is up to this many tokens either side of the word, within its sentence."""
+    lowercase: bool = True
+    """With --corpus: lowercase the corpus and the words (switch off for cased models)."""
+    num_actors: int | None = None
+    """Inference actors (each loads the model once); default: one per CPU, or per GPU with --use_gpu."""
+    cpus_per_actor: int = 1
+    """CPUs (intra-op threads) of each actor."""
+    use_gpu: bool = False
+    """Give each actor a GPU and infer there."""
+    write_text: bool = True
+    """Also write vectors.txt in the `<word> <v1> ... <vn>` text format."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_contexts", "max_contexts_per_chunk", "max_contexts_per_word", "context_window",
+                     "cpus_per_actor"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_seq_length < 8:
+            raise ConfigError(f"--max_seq_length must be >= 8, got {self.max_seq_length}")
+        if self.num_actors is not None and self.num_actors < 1:
+            raise ConfigError(f"--num_actors must be >= 1, got {self.num_actors}")
+
+
+@dataclass(kw_only=True)
+class InferConfig(InferOptions):
+    """Infer vectors for words (rare ones above all) from their form and contexts."""
+
+    bertram: str
+    """URI of a trained BERTRAM model (jobs.train or jobs.fuse output)."""
+    output: str
+    """Output URI (local directory, s3://, gs://)."""
+    words: str | None = None
+    """File of words (one per line) to infer vectors for; needed with --corpus, optional with --contexts."""
+    corpus: str | None = None
+    """Corpus URI to gather the contexts of --words from: file, directory/prefix or glob (local, s3://, gs://, http)."""
+    contexts: str | None = None
+    """Contexts instead of --corpus: a jobs.preprocess output, parquet (word, contexts) or word<TAB>context... text."""
+    overwrite: bool = False
+    """Recompute even if --output already holds a complete result."""
+    num_cpus: int | None = None
+    """CPUs of a local Ray (ignored when attaching to a cluster through RAY_ADDRESS)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.output:
+            raise ConfigError("--output is empty; give a local directory or an s3:// URI")
+        if self.corpus and self.contexts:
+            raise ConfigError("give either --words with --corpus (contexts gathered from the corpus) or --contexts, "
+                              "not both")
+        if self.corpus and not self.words:
+            raise ConfigError("--corpus needs --words, the file of words (one per line) to gather contexts for")
+        if not self.corpus and not self.contexts:
+            raise ConfigError("no contexts: give --words FILE --corpus URI (contexts gathered from a corpus) or "
+                              "--contexts URI (a jobs.preprocess output, parquet or word<TAB>context... text)")
+
+
+def model_config(uri: str) -> dict:
+    """The saved config of the BERTRAM model at `uri`, once its files are known to be there."""
+    where = f"--bertram {storage.redact(uri)}"
+    if not storage.exists(storage.join(uri, CONFIG_NAME)):
+        raise ConfigError(f"{where} holds no BERTRAM model ({CONFIG_NAME} missing); run jobs.train (and jobs.fuse) "
+                          "first, or fix the URI")
+    config = storage.read_json(storage.join(uri, CONFIG_NAME))
+    if not isinstance(config, dict) or "mode" not in config:
+        raise ConfigError(f"{where}: {CONFIG_NAME} is not a BERTRAM config (no mode); give a jobs.train or "
+                          "jobs.fuse output")
+    needed = [WEIGHTS_NAME] + ([NGRAMS_NAME] if uses_form(config["mode"]) else [])
+    missing = [name for name in needed if not storage.exists(storage.join(uri, name))]
+    if missing:
+        raise ConfigError(f"{where} is an incomplete model ({', '.join(missing)} missing); run jobs.train "
+                          "(and jobs.fuse) again")
+    return config
+
+
+def _shown(words: list[str]) -> str:
+    return ", ".join(repr(w) for w in words[:5]) + (f" and {len(words) - 5} more" if len(words) > 5 else "")
+
+
+def _no_contexts_error(uri: str, words: list[str]) -> ConfigError:
+    return ConfigError(f"--bertram {storage.redact(uri)} is a context-only model, and {len(words)} words have no "
+                       f"context that contains them: {_shown(words)}; give contexts for them, or use a model with "
+                       "a form part (form, add, add-quotes, replace, shallow)")
+
+
+def _clear(output: str) -> None:
+    """Make `output` hold no vectors that could pass for this run's (the manifest goes first).
+
+    A complete `preprocessed/` sub-output is kept: jobs.preprocess reuses it. Files that
+    belong to no infer output mean a user's directory: nothing is deleted then.
+    """
+    if storage.exists(output):
+        prefix = storage.join(output, "")
+        for f in storage.list_files(output):
+            top = f.uri[len(prefix):].lstrip("/").split("/", 1)[0] if f.uri.startswith(prefix) else f.uri
+            if not any(fnmatch.fnmatchcase(top, p) for p in OUTPUT_NAMES + (PREPROCESSED, manifest.MANIFEST)):
+                raise storage.UserError(f"--output {storage.redact(output)} holds files that are not an infer "
+                                        f"output (e.g. {storage.redact(f.uri)}); choose a new or empty location")
+        storage.delete(manifest.manifest_uri(output))
+        for name in OUTPUT_NAMES:
+            storage.delete(storage.join(output, name))
+    storage.make_dirs(output)
+
+
+def vectors_table(words: list[str], vectors: np.ndarray, n_contexts: list[int]) -> pa.Table:
+    """The vectors.parquet table of `words`, their vectors (W, D) and context counts."""
+    dim = vectors.shape[1]
+    offsets = pa.array(np.arange(0, len(words) * dim + 1, dim, dtype=np.int32))
+    flat = pa.array(vectors.astype(np.float32).reshape(-1))
+    return pa.table({"word": pa.array(words, pa.string()), "vector": pa.ListArray.from_arrays(offsets, flat),
+                     "n_contexts": pa.array(n_contexts, pa.int32())}, schema=VECTORS_SCHEMA)
+
+
+class InferActor:
+    """Ray Data actor: loads the BERTRAM model and its tokenizer once, infers a batch of words per call."""
+
+    def __init__(self, bertram: str, use_gpu: bool, **settings: int):
+        import ray
+        import torch
+
+        # As many intra-op threads as CPUs this actor holds: actors side by side must not oversubscribe.
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))
+        self.model, self.tokenizer = bertram_infer.load(bertram, "cuda" if use_gpu else "cpu")
+        self.settings = settings  # batch_contexts, max_contexts_per_chunk, max_seq_length
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        words, contexts = batch["word"].to_pylist(), batch["contexts"].to_pylist()
+        vectors = bertram_infer.infer_vectors(self.model, self.tokenizer, zip(words, contexts), **self.settings)
+        return vectors_table(words, np.stack([vectors[w].numpy() for w in words]),  # (W, D)
+                             [len(cs) for cs in contexts])
+
+
+def text_lines(table: pa.Table) -> tuple[list[str], int]:
+    """`<word> <v1> ... <vn>` lines (9 significant digits: float32 values read back exactly) and
+    the number of words left out because they hold whitespace, which the format cannot carry."""
+    lines, skipped = [], 0
+    for word, vector in zip(table["word"].to_pylist(), table["vector"].to_numpy(zero_copy_only=False)):
+        if word.split() != [word]:
+            skipped += 1
+            continue
+        lines.append(f"{word} " + " ".join(f"{x:.9g}" for x in vector.tolist()))
+    return lines, skipped
+
+
+def infer(config: InferConfig) -> dict:
+    """Run the stage; returns its manifest."""
+    output = config.output
+    model = model_config(config.bertram)
+    mode = model["mode"]
+    inputs = {"bertram_at": manifest.read(config.bertram)["finished_at"] if manifest.is_complete(config.bertram)
+              else None}
+    for flag in ("words", "corpus", "contexts"):  # inputs are checked before the output is touched
+        uri = getattr(config, flag)
+        if uri:
+            inputs[flag] = [[storage.redact(f.uri), f.size] for f in storage.list_files(uri)]
+    if manifest.reusable(output, "infer", to_dict(config), config.overwrite, inputs):
+        log(f"infer: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
+        return manifest.read(output)
+    started = time.time()
+    if config.corpus:
+        words = read_corpus_words(config.words, config.lowercase)
+        if not uses_form(mode) and (never := unmatchable_words(words, config.lowercase)):
+            raise _no_contexts_error(config.bertram, never)  # fail before reading the corpus
+    else:
+        words = bertram_infer.read_words(config.words) if config.words else None
+    _clear(output)
+
+    t0 = time.time()
+    source = config.contexts
+    if config.corpus:
+        source = storage.join(output, PREPROCESSED)
+        preprocess(PreprocessConfig(corpus=config.corpus, output=source, words=config.words,
+                                    num_buckets=PREPROCESS_BUCKETS, max_contexts_per_word=config.max_contexts_per_word,
+                                    context_window=config.context_window, lowercase=config.lowercase,
+                                    overwrite=config.overwrite, num_cpus=config.num_cpus))
+    found = bertram_infer.read_contexts(source, words)
+    words = words if words is not None else list(found)
+    if not words:
+        raise storage.UserError(f"--contexts {storage.redact(config.contexts)} holds no words")
+    # The contexts inference reads: those that contain the word (a form model reads none).
+    contexts = {w: bertram_infer.usable_contexts(w, found.get(w, []), config.max_contexts_per_word)
+                if uses_context(mode) else [] for w in words}
+    without = [w for w in words if not contexts[w]]
+    if uses_context(mode) and not uses_form(mode) and without:
+        raise _no_contexts_error(config.bertram, without)
+    n_contexts = sum(len(cs) for cs in contexts.values())
+    gather_s = time.time() - t0
+    log(f"infer: {len(words)} words, {n_contexts} contexts, {len(without)} words without contexts "
+        f"({mode} model{', form vectors for those' if without and uses_context(mode) else ''})")
+
+    connect_ray(config.num_cpus)
+    import ray
+
+    resources = ray.cluster_resources()
+    if config.use_gpu and not resources.get("GPU"):
+        raise ConfigError("--use_gpu: the Ray cluster has no GPU; add GPU workers or pass --use_gpu false")
+    per_actor = 1 if config.use_gpu else config.cpus_per_actor
+    actors = config.num_actors or max(1, int(resources.get("GPU", 0)) if config.use_gpu
+                                      else int(resources.get("CPU", 1)) // per_actor)
+    # Blocks of about 8 forward passes each (a block's passes are packed by length), and at
+    # least 2 blocks per actor so that the actors share the work.
+    weight = sum(max(len(cs), 1) for cs in contexts.values())
+    blocks = min(len(words), max(2 * actors, -(-weight // (8 * config.batch_contexts))))
+    t0 = time.time()
+    # --- Ray: a dataset of (word, contexts) rows through an actor pool, each actor holding the model.
+    ds = ray.data.from_items([{"word": w, "contexts": contexts[w]} for w in words], override_num_blocks=blocks)
+    vectors = ds.map_batches(InferActor, batch_size=-(-len(words) // blocks), batch_format="pyarrow",
+                             compute=ray.data.ActorPoolStrategy(size=min(actors, blocks)),
+                             num_cpus=per_actor, num_gpus=1 if config.use_gpu else 0,
+                             fn_constructor_kwargs={"bertram": storage.absolute(config.bertram),
+                                                    "use_gpu": config.use_gpu,
+                                                    "batch_contexts": config.batch_contexts,
+                                                    "max_contexts_per_chunk": config.max_contexts_per_chunk,
+                                                    "max_seq_length": config.max_seq_length})
+    table = pa.concat_tables(list(vectors.iter_batches(batch_size=None, batch_format="pyarrow")))
+    # ---
+    infer_s = time.time() - t0
+    position = {w: i for i, w in enumerate(words)}  # the input order, whatever order the actors finished in
+    table = table.take(np.argsort([position[w] for w in table["word"].to_pylist()]))
+
+    t0 = time.time()
+    storage.write_parquet(storage.join(output, "vectors.parquet"), table)
+    not_in_text = 0
+    if config.write_text:
+        lines, not_in_text = text_lines(table)
+        storage.write_text(storage.join(output, "vectors.txt"), "".join(line + "\n" for line in lines))
+        if not_in_text:
+            log(f"infer: warning: {not_in_text} words hold whitespace and are only in vectors.parquet")
+    write_s = time.time() - t0
+    out = manifest.write(output, "infer", to_dict(config), started, inputs=inputs,
+                         mode=mode, base_model=model["base_model"], dim=model["output_size"],
+                         words=table.num_rows, contexts=n_contexts, words_without_contexts=len(without),
+                         words_without_contexts_sample=without[:20], words_not_in_text=not_in_text,
+                         actors=min(actors, blocks), blocks=blocks, words_per_s=round(table.num_rows / infer_s, 2),
+                         timings={"gather_s": round(gather_s, 3), "infer_s": round(infer_s, 3),
+                                  "write_s": round(write_s, 3)})
+    log(f"infer: {table.num_rows} vectors ({table.num_rows / infer_s:.1f} words/s on {min(actors, blocks)} "
+        f"actors) -> {storage.redact(output)}")
+    return out
+
+
+if __name__ == "__main__":
+    main(InferConfig, infer, __doc__, prog="python -m jobs.infer")
