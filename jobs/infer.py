@@ -222,10 +222,12 @@ def infer(config: InferConfig) -> dict:
     source = config.contexts
     if config.corpus:
         source = storage.join(output, PREPROCESSED)
+        # The sub-output is reused unless the words file now holds other words (same name, new content).
+        stale = manifest.is_complete(source) and set(bertram_infer.read_contexts(source)) != set(words)
         preprocess(PreprocessConfig(corpus=config.corpus, output=source, words=config.words,
                                     num_buckets=PREPROCESS_BUCKETS, max_contexts_per_word=config.max_contexts_per_word,
                                     context_window=config.context_window, lowercase=config.lowercase,
-                                    overwrite=config.overwrite, num_cpus=config.num_cpus))
+                                    overwrite=config.overwrite or stale, num_cpus=config.num_cpus))
     found = bertram_infer.read_contexts(source, words)
     words = words if words is not None else list(found)
     if not words:
@@ -238,8 +240,11 @@ def infer(config: InferConfig) -> dict:
         raise _no_contexts_error(config.bertram, without)
     n_contexts = sum(len(cs) for cs in contexts.values())
     gather_s = time.time() - t0
-    log(f"infer: {len(words)} words, {n_contexts} contexts, {len(without)} words without contexts "
-        f"({mode} model{', form vectors for those' if without and uses_context(mode) else ''})")
+    if uses_context(mode):
+        log(f"infer: {len(words)} words, {n_contexts} contexts, {len(without)} words without contexts"
+            + (" (they get their form vectors)" if without else ""))
+    else:
+        log(f"infer: {len(words)} words; a form model reads no contexts")
 
     connect_ray(config.num_cpus)
     import ray

@@ -150,11 +150,17 @@ def test_words_and_corpus_gather_contexts_with_preprocess_and_a_rerun_is_skipped
     assert infer(config)["finished_at"] == result["finished_at"]  # skipped: nothing was redone
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
 
+    words.write_text("river\nlight\n", encoding="utf-8")  # the same file with other words: both stages redone
+    infer(config)
+    assert _vectors(str(out))[0] == ["river", "light"] and _vectors(str(out))[2] == [12, 12]
+    assert set(api.read_contexts(str(pre))) == {"river", "light"}
+    words.write_text("river\nzebra\n", encoding="utf-8")
+
     # A context-only model cannot give zebra a vector: one clear error, before any inference work.
     monkeypatch.setattr(jobs.infer, "connect_ray", lambda *a, **k: pytest.fail("inference started"))
     with pytest.raises(ConfigError, match=r"context-only model, and 1 words .*'zebra'.*form part"):
-        infer(_config(models["context"], tmp_path / "out-context", words=str(words), corpus=str(corpus),
-                      max_contexts_per_word=12))
+        infer(_config(models["context"], out, words=str(words), corpus=str(corpus), max_contexts_per_word=12,
+                      overwrite=True))
     words.write_text("river\nnew-york\n", encoding="utf-8")  # never one corpus token: fails before preprocess
     with pytest.raises(ConfigError, match=r"'new-york'"):
         infer(_config(models["context"], tmp_path / "out-never", words=str(words), corpus=str(corpus)))
