@@ -195,6 +195,75 @@ def text_lines(table: pa.Table) -> tuple[list[str], int]:
     return lines, skipped
 
 
+def read_words(config: InferConfig, mode: str) -> list[str] | None:
+    """The words of --words (lowercased with --corpus and --lowercase, as the corpus is), or None."""
+    if not config.corpus:
+        return bertram_infer.read_words(config.words) if config.words else None
+    words = read_corpus_words(config.words, config.lowercase)
+    if not uses_form(mode) and (never := unmatchable_words(words, config.lowercase)):
+        raise _no_contexts_error(config.bertram, never)  # they can never have contexts: fail before the corpus
+    return words
+
+
+def gather(config: InferConfig, mode: str, words: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
+    """The words, in input order, and the contexts inference reads for each (those containing it, capped).
+
+    Words from --corpus are gathered into the `preprocessed/` sub-output by jobs.preprocess.
+    A context-only model fails here for words without contexts, before any inference.
+    """
+    if config.corpus:
+        source = storage.join(config.output, PREPROCESSED)
+        # The sub-output is reused unless the words file now holds other words (same name, new content).
+        stale = manifest.is_complete(source) and set(bertram_infer.read_contexts(source)) != set(words)
+        preprocess(PreprocessConfig(corpus=config.corpus, output=source, words=config.words,
+                                    num_buckets=PREPROCESS_BUCKETS, max_contexts_per_word=config.max_contexts_per_word,
+                                    context_window=config.context_window, lowercase=config.lowercase,
+                                    overwrite=config.overwrite or stale, num_cpus=config.num_cpus))
+    else:
+        source = config.contexts
+    found = bertram_infer.read_contexts(source, words)
+    words = words if words is not None else list(found)
+    if not words:
+        raise storage.UserError(f"--contexts {storage.redact(config.contexts)} holds no words")
+    contexts = {w: bertram_infer.usable_contexts(w, found.get(w, []), config.max_contexts_per_word)
+                if uses_context(mode) else [] for w in words}  # a form model reads no contexts
+    if uses_context(mode) and not uses_form(mode) and (without := [w for w in words if not contexts[w]]):
+        raise _no_contexts_error(config.bertram, without)
+    return words, contexts
+
+
+def infer_on_ray(config: InferConfig, words: list[str], contexts: dict[str, list[str]]) -> tuple[pa.Table, int]:
+    """vectors.parquet's table, in the order of `words`, from an actor pool; and the number of actors."""
+    connect_ray(config.num_cpus)
+    import ray
+
+    resources = ray.cluster_resources()
+    if config.use_gpu and not resources.get("GPU"):
+        raise ConfigError("--use_gpu: the Ray cluster has no GPU; add GPU workers or pass --use_gpu false")
+    per_actor = 1 if config.use_gpu else config.cpus_per_actor
+    actors = config.num_actors or max(1, int(resources.get("GPU", 0)) if config.use_gpu
+                                      else int(resources.get("CPU", 1)) // per_actor)
+    # Blocks of about 8 forward passes each (a block's passes are packed by length), and at
+    # least 2 blocks per actor so that the actors share the work.
+    weight = sum(max(len(cs), 1) for cs in contexts.values())
+    blocks = min(len(words), max(2 * actors, -(-weight // (8 * config.batch_contexts))))
+    actors = min(actors, blocks)
+    # --- Ray: a dataset of (word, contexts) rows through an actor pool, each actor holding the model.
+    ds = ray.data.from_items([{"word": w, "contexts": contexts[w]} for w in words], override_num_blocks=blocks)
+    vectors = ds.map_batches(InferActor, batch_size=-(-len(words) // blocks), batch_format="pyarrow",
+                             compute=ray.data.ActorPoolStrategy(size=actors),
+                             num_cpus=per_actor, num_gpus=1 if config.use_gpu else 0,
+                             fn_constructor_kwargs={"bertram": storage.absolute(config.bertram),
+                                                    "use_gpu": config.use_gpu,
+                                                    "batch_contexts": config.batch_contexts,
+                                                    "max_contexts_per_chunk": config.max_contexts_per_chunk,
+                                                    "max_seq_length": config.max_seq_length})
+    table = pa.concat_tables(list(vectors.iter_batches(batch_size=None, batch_format="pyarrow")))
+    # ---
+    position = {w: i for i, w in enumerate(words)}  # the input order, whatever order the actors finished in
+    return table.take(np.argsort([position[w] for w in table["word"].to_pylist()])), actors
+
+
 def infer(config: InferConfig) -> dict:
     """Run the stage; returns its manifest."""
     output = config.output
@@ -210,71 +279,22 @@ def infer(config: InferConfig) -> dict:
         log(f"infer: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
         return manifest.read(output)
     started = time.time()
-    if config.corpus:
-        words = read_corpus_words(config.words, config.lowercase)
-        if not uses_form(mode) and (never := unmatchable_words(words, config.lowercase)):
-            raise _no_contexts_error(config.bertram, never)  # fail before reading the corpus
-    else:
-        words = bertram_infer.read_words(config.words) if config.words else None
+    words = read_words(config, mode)
     _clear(output)
 
-    t0 = time.time()
-    source = config.contexts
-    if config.corpus:
-        source = storage.join(output, PREPROCESSED)
-        # The sub-output is reused unless the words file now holds other words (same name, new content).
-        stale = manifest.is_complete(source) and set(bertram_infer.read_contexts(source)) != set(words)
-        preprocess(PreprocessConfig(corpus=config.corpus, output=source, words=config.words,
-                                    num_buckets=PREPROCESS_BUCKETS, max_contexts_per_word=config.max_contexts_per_word,
-                                    context_window=config.context_window, lowercase=config.lowercase,
-                                    overwrite=config.overwrite or stale, num_cpus=config.num_cpus))
-    found = bertram_infer.read_contexts(source, words)
-    words = words if words is not None else list(found)
-    if not words:
-        raise storage.UserError(f"--contexts {storage.redact(config.contexts)} holds no words")
-    # The contexts inference reads: those that contain the word (a form model reads none).
-    contexts = {w: bertram_infer.usable_contexts(w, found.get(w, []), config.max_contexts_per_word)
-                if uses_context(mode) else [] for w in words}
+    words, contexts = gather(config, mode, words)
     without = [w for w in words if not contexts[w]]
-    if uses_context(mode) and not uses_form(mode) and without:
-        raise _no_contexts_error(config.bertram, without)
     n_contexts = sum(len(cs) for cs in contexts.values())
-    gather_s = time.time() - t0
+    gather_s = time.time() - started
     if uses_context(mode):
         log(f"infer: {len(words)} words, {n_contexts} contexts, {len(without)} words without contexts"
             + (" (they get their form vectors)" if without else ""))
     else:
         log(f"infer: {len(words)} words; a form model reads no contexts")
 
-    connect_ray(config.num_cpus)
-    import ray
-
-    resources = ray.cluster_resources()
-    if config.use_gpu and not resources.get("GPU"):
-        raise ConfigError("--use_gpu: the Ray cluster has no GPU; add GPU workers or pass --use_gpu false")
-    per_actor = 1 if config.use_gpu else config.cpus_per_actor
-    actors = config.num_actors or max(1, int(resources.get("GPU", 0)) if config.use_gpu
-                                      else int(resources.get("CPU", 1)) // per_actor)
-    # Blocks of about 8 forward passes each (a block's passes are packed by length), and at
-    # least 2 blocks per actor so that the actors share the work.
-    weight = sum(max(len(cs), 1) for cs in contexts.values())
-    blocks = min(len(words), max(2 * actors, -(-weight // (8 * config.batch_contexts))))
     t0 = time.time()
-    # --- Ray: a dataset of (word, contexts) rows through an actor pool, each actor holding the model.
-    ds = ray.data.from_items([{"word": w, "contexts": contexts[w]} for w in words], override_num_blocks=blocks)
-    vectors = ds.map_batches(InferActor, batch_size=-(-len(words) // blocks), batch_format="pyarrow",
-                             compute=ray.data.ActorPoolStrategy(size=min(actors, blocks)),
-                             num_cpus=per_actor, num_gpus=1 if config.use_gpu else 0,
-                             fn_constructor_kwargs={"bertram": storage.absolute(config.bertram),
-                                                    "use_gpu": config.use_gpu,
-                                                    "batch_contexts": config.batch_contexts,
-                                                    "max_contexts_per_chunk": config.max_contexts_per_chunk,
-                                                    "max_seq_length": config.max_seq_length})
-    table = pa.concat_tables(list(vectors.iter_batches(batch_size=None, batch_format="pyarrow")))
-    # ---
+    table, actors = infer_on_ray(config, words, contexts)
     infer_s = time.time() - t0
-    position = {w: i for i, w in enumerate(words)}  # the input order, whatever order the actors finished in
-    table = table.take(np.argsort([position[w] for w in table["word"].to_pylist()]))
 
     t0 = time.time()
     storage.write_parquet(storage.join(output, "vectors.parquet"), table)
@@ -288,12 +308,12 @@ def infer(config: InferConfig) -> dict:
     out = manifest.write(output, "infer", to_dict(config), started, inputs=inputs,
                          mode=mode, base_model=model["base_model"], dim=model["output_size"],
                          words=table.num_rows, contexts=n_contexts, words_without_contexts=len(without),
-                         words_without_contexts_sample=without[:20], words_not_in_text=not_in_text,
-                         actors=min(actors, blocks), blocks=blocks, words_per_s=round(table.num_rows / infer_s, 2),
+                         words_without_contexts_sample=without[:20], words_not_in_text=not_in_text, actors=actors,
+                         words_per_s=round(table.num_rows / infer_s, 2),
                          timings={"gather_s": round(gather_s, 3), "infer_s": round(infer_s, 3),
                                   "write_s": round(write_s, 3)})
-    log(f"infer: {table.num_rows} vectors ({table.num_rows / infer_s:.1f} words/s on {min(actors, blocks)} "
-        f"actors) -> {storage.redact(output)}")
+    log(f"infer: {table.num_rows} vectors ({table.num_rows / infer_s:.1f} words/s on {actors} actors) -> "
+        f"{storage.redact(output)}")
     return out
 
 
