@@ -205,6 +205,43 @@ def help_text(cls: type, prog: str, description: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reference_markdown(cls: type, heading: str = "###") -> str:
+    """A markdown reference of a config: a table of its own fields, then one per nested section type
+    (sections of the same type, like the training stages, share a table)."""
+    docs = field_docs(cls)
+    hints = _resolved_types(cls)
+    own, sections = [], {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            sections.setdefault(hints[f.name], []).append(f.name)
+        else:
+            own.append(f)
+    out = [_fields_table(cls, own, docs, "")]
+    for klass, names in sections.items():
+        what = " ".join((klass.__doc__ or "").split()) if len(names) > 1 else docs.get(names[0], "")
+        yaml_keys, flags = ", ".join(f"`{n}:`" for n in names), " / ".join(f"`--{n}.KEY`" for n in names)
+        out.append(f"{heading} {yaml_keys}\n\n{what} In YAML under {yaml_keys}; on the command line {flags}.\n")
+        out.append(_fields_table(klass, dataclasses.fields(klass), field_docs(klass), ""))
+    return "\n".join(out)
+
+
+def _fields_table(cls: type, fields, docs: dict[str, str], prefix: str) -> str:
+    hints = _resolved_types(cls)
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in fields:
+        if f.default is not dataclasses.MISSING:
+            default = f"`{f.default!r}`"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f"`{f.default_factory()!r}`"
+        else:
+            default = "required"
+        base, _ = _base_type(hints[f.name])
+        kind = getattr(base, "__name__", str(base))
+        doc = docs.get(f.name, "").replace("|", "\\|")
+        rows.append(f"| `{prefix}{f.name}` | {kind} | {default} | {doc} |")
+    return "\n".join(rows) + "\n"
+
+
 def parse(cls: type[T], argv: list[str] | None = None, prog: str = "", description: str = "") -> T:
     """Parse `--config FILE.yaml` and `--key value` overrides into a `cls` instance.
 

@@ -103,6 +103,34 @@ def test_the_pipeline_runs_every_stage_and_a_rerun_skips_them(ray_local, tiny_be
     assert "skipping" in capfd.readouterr().err
     assert time.time() - t0 < 120
 
+    # The README's Python example, on this run's fused model.
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0].replace("out/my-run", str(root))
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    assert scope["text"] == "a kumquat / <BERTRAM:kumquat> is a kind of [MASK] ."
+    assert scope["outputs"].logits.shape[1] == len(scope["tokenizer"](scope["text"])["input_ids"])
+
+
+def test_readme_configuration_reference_is_up_to_date():
+    from jobs.reference import README, updated
+
+    text = README.read_text(encoding="utf-8")
+    assert updated(text) == text, "README.md's configuration reference is stale: run python -m jobs.reference"
+
+
+def test_local_s3_script_runs_a_command_against_s3_and_keeps_the_bucket(tmp_path):
+    write = "from pipeline import storage; storage.write_text('s3://bertram-demo/run/a.txt', 'kept')"
+    env = {**os.environ, "COPY_TO": str(tmp_path / "copy")}
+    env.pop("AWS_ENDPOINT_URL", None)
+    out = subprocess.run([str(REPO / "cluster" / "local-s3.sh"), sys.executable, "-c", write], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "copy" / "run" / "a.txt").read_text() == "kept"
+    failing = subprocess.run([str(REPO / "cluster" / "local-s3.sh"), sys.executable, "-c", "raise SystemExit(3)"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert failing.returncode == 3 and "stopped" in failing.stderr
+
 
 def test_bad_run_config_is_one_clear_line(tiny_bert, tmp_path):
     out = subprocess.run([sys.executable, "-m", "jobs.run", "--config", str(_tiny_config(tmp_path, tiny_bert)),
