@@ -19,6 +19,7 @@ Prints words/s, the ratio to one word at a time, and the tokens the encoder comp
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -84,30 +85,34 @@ class TokenCount:
         return counts
 
 
-def time_runs(fn, repeats: int) -> float:
-    """The median seconds of `repeats` calls of `fn`."""
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (all processes), from /proc/stat."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def time_runs(fn, repeats: int) -> tuple[float, float]:
+    """The median seconds of `repeats` calls of `fn`, and the cores other processes kept busy meanwhile."""
     seconds = []
+    machine, ours, start_all = busy_cpu_s(), time.process_time(), time.perf_counter()
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    others = (busy_cpu_s() - machine) - (time.process_time() - ours)
+    return statistics.median(seconds), max(0.0, others / (time.perf_counter() - start_all))
 
 
 def run_ray_job(bertram: str, words: dict[str, list[str]], cpus: int) -> dict:
     """jobs.infer on a local Ray from a reference-format contexts file of `words`; returns its manifest."""
-    import ray
-
     from jobs.infer import InferConfig
     from jobs.infer import infer as infer_job
 
     with tempfile.TemporaryDirectory() as tmp:
         contexts = Path(tmp, "contexts.tsv")
         contexts.write_text("".join(w + "\t" + "\t".join(cs) + "\n" for w, cs in words.items()), encoding="utf-8")
-        result = infer_job(InferConfig(bertram=bertram, contexts=str(contexts), output=str(Path(tmp, "out")),
-                                       num_cpus=cpus, write_text=False))
-    ray.shutdown()
-    return result
+        return infer_job(InferConfig(bertram=bertram, contexts=str(contexts), output=str(Path(tmp, "out")),
+                                     num_cpus=cpus, write_text=False))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the words and contexts come from (default: %(default)s)")
     parser.add_argument("--words", type=int, default=128, help="number of words (default: %(default)s)")
     parser.add_argument("--contexts", type=int, default=8, help="contexts per word (default: %(default)s)")
-    parser.add_argument("--batch_contexts", default="64,256", help="batched runs (default: %(default)s)")
+    parser.add_argument("--batch_contexts", default="16,64,256", help="batched runs (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per run, median kept")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in-process (0: torch's default)")
     parser.add_argument("--no_ray", action="store_true", help="skip the Ray job run")
@@ -135,33 +140,44 @@ def main(argv: list[str] | None = None) -> None:
     tokens.take()
     quiet = wait_for_quiet(args.quiet_load, args.wait_quiet) if args.wait_quiet else None
 
-    rows = []  # (run, seconds, padded tokens, real tokens, load before)
+    rows = []  # (run, seconds, padded tokens, real tokens, load before, cores busy with other processes)
     per_run = lambda counts: [c // args.repeats for c in counts]  # noqa: E731
     load = loadavg()
     say(f"one word at a time ({len(words)} words x {args.contexts} contexts), load {load}")
-    single = time_runs(lambda: [infer.infer_vector(model, tokenizer, w, cs) for w, cs in words.items()], args.repeats)
-    rows.append(("one word at a time (`infer_vector` per word)", single, *per_run(tokens.take()), load))
+    single, others = time_runs(lambda: [infer.infer_vector(model, tokenizer, w, cs) for w, cs in words.items()],
+                               args.repeats)
+    rows.append(("one word at a time (`infer_vector` per word)", single, *per_run(tokens.take()), load, others))
     reference = {w: infer.infer_vector(model, tokenizer, w, cs) for w, cs in words.items()}
     tokens.take()
     for batch in [int(b) for b in args.batch_contexts.split(",")]:
         load = loadavg()
         say(f"batched, batch_contexts {batch}, load {load}")
-        seconds = time_runs(lambda: infer.infer_vectors(model, tokenizer, words, batch_contexts=batch), args.repeats)
-        rows.append((f"batched (`infer_vectors`, batch_contexts {batch})", seconds, *per_run(tokens.take()), load))
+        seconds, others = time_runs(lambda: infer.infer_vectors(model, tokenizer, words, batch_contexts=batch),
+                                    args.repeats)
+        rows.append((f"batched (`infer_vectors`, batch_contexts {batch})", seconds, *per_run(tokens.take()), load,
+                     others))
         batched = infer.infer_vectors(model, tokenizer, words, batch_contexts=batch)
         tokens.take()
         worst = max(float((batched[w] - reference[w]).abs().max()) for w in words)
         assert worst < 1e-4, f"batched vectors differ from one at a time by {worst}"
     ray_note = ""
     if not args.no_ray:
-        load = loadavg()
+        import ray
+
         cpus = torch.get_num_threads()
-        say(f"jobs.infer on a local Ray with {cpus} CPUs, load {load}")
+        say(f"jobs.infer on a local Ray with {cpus} CPUs: 2 words (start-up), then all, load {loadavg()}")
+        start_up = run_ray_job(args.bertram, dict(list(words.items())[:2]), cpus)["timings"]["infer_s"]
+        load = loadavg()
         result = run_ray_job(args.bertram, words, cpus)
-        rows.append((f"jobs.infer on Ray ({result['actors']} actors x 1 thread, batch_contexts "
-                     f"{result['config']['batch_contexts']})", result["timings"]["infer_s"], None, None, load))
-        ray_note = (f" The Ray job's time is its actor pool's (`timings.infer_s`: starting {result['actors']} actors "
-                    f"and loading the model in each included); its whole call took {result['wall_time_s']:.1f} s.")
+        ray.shutdown()
+        seconds = result["timings"]["infer_s"]
+        name = (f"jobs.infer on Ray ({result['actors']} actors x 1 thread, batch_contexts "
+                f"{result['config']['batch_contexts']})")
+        rows.append((name, seconds, None, None, load, None))
+        rows.append((name + ", start-up of 2 words taken off", seconds - start_up, None, None, load, None))
+        ray_note = (f" The Ray job's time is its actor pool's (`timings.infer_s`: starting {result['actors']} actors, "
+                    f"loading the model in each, inferring); the same job on 2 words took {start_up:.1f} s, "
+                    "which the last row takes off to estimate the steady rate.")
 
     command = "python benchmarks/infer.py " + " ".join(sys.argv[1:] if argv is None else argv)
     real_tokens = rows[0][3]
@@ -172,16 +188,19 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.__version__}, CPU. 1-minute load average before each run in the table"
         + ("" if quiet is None else " (waited for a quiet machine)" if quiet else
            " (**busy machine**: did not get quiet)") + ".",
-        f"Model: `{args.bertram}` ({model.config.mode}, base {Path(model.config.base_model).name}); "
+        f"Model: `{args.bertram}` ({model.config.mode}, {model.config.output_size}-d); "
         f"{len(words)} words x {args.contexts} contexts from `{args.contexts_from}`; median of {args.repeats}.", "",
-        "| run | seconds | words/s | vs one word at a time | encoder tokens (padded) | padding | load |",
-        "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, seconds, padded, real, load in rows:
+        "| run | seconds | words/s | vs one word at a time | encoder tokens (padded) | padding | load before "
+        "| others' cores |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, seconds, padded, real, load, others in rows:
         work = f"{padded:,} | {1 - real / padded:.0%}" if padded else "- | -"
         lines.append(f"| {name} | {seconds:.2f} | {len(words) / seconds:.2f} | {single / seconds:.2f}× | {work} | "
-                     f"{load.split()[0]} |")
+                     f"{load.split()[0]} | {'-' if others is None else f'{others:.2f}'} |")
     lines += ["", f"Real tokens: {real_tokens:,} (the same words and contexts in every run). Batched vectors equal "
-              f"the one-at-a-time ones (max abs difference < 1e-4).{ray_note}", ""]
+              f"the one-at-a-time ones (max abs difference < 1e-4). Load before: the 1-minute load average when "
+              "the run started (it includes the previous run); others' cores: CPU that other processes used "
+              f"during the run, on average (from /proc/stat, minus this process).{ray_note}", ""]
     table = "\n".join(lines)
     print(table)
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)

@@ -42,8 +42,8 @@ VECTORS_SCHEMA = pa.schema([("word", pa.string()), ("vector", pa.list_(pa.float3
 class InferOptions:
     """Settings of the inference stage (the part of its config a pipeline preset holds)."""
 
-    batch_contexts: int = 256
-    """Contexts per forward pass (several words per pass); larger on a GPU, e.g. 1024."""
+    batch_contexts: int = 64
+    """Contexts per forward pass (several words per pass); 64 is best on CPU (BENCHMARKS.md), on a GPU use e.g. 1024."""
     max_contexts_per_chunk: int = 32
     """A word with more contexts is inferred in chunks of this many; its vector is their size-weighted mean."""
     max_seq_length: int = 128
@@ -234,7 +234,6 @@ def gather(config: InferConfig, mode: str, words: list[str] | None) -> tuple[lis
 
 def infer_on_ray(config: InferConfig, words: list[str], contexts: dict[str, list[str]]) -> tuple[pa.Table, int]:
     """vectors.parquet's table, in the order of `words`, from an actor pool; and the number of actors."""
-    connect_ray(config.num_cpus)
     import ray
 
     resources = ray.cluster_resources()
@@ -292,7 +291,8 @@ def infer(config: InferConfig) -> dict:
     else:
         log(f"infer: {len(words)} words; a form model reads no contexts")
 
-    t0 = time.time()
+    connect_ray(config.num_cpus)
+    t0 = time.time()  # the actor pool's time: starting the actors, loading the model in each, inferring
     table, actors = infer_on_ray(config, words, contexts)
     infer_s = time.time() - t0
 

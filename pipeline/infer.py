@@ -145,11 +145,12 @@ def infer_vector(model: Bertram, tokenizer: PreTrainedTokenizerBase, word: str, 
 
 @torch.inference_mode()
 def infer_vectors(model: Bertram, tokenizer: PreTrainedTokenizerBase, words_with_contexts: WordsWithContexts,
-                  batch_contexts: int = 256, max_contexts_per_chunk: int = 32,
+                  batch_contexts: int = 64, max_contexts_per_chunk: int = 32,
                   max_seq_length: int = 128) -> dict[str, torch.Tensor]:
     """Inferred vectors (D,) of many words, many words per forward pass; on the CPU, in input order.
 
-    Words are packed into one forward pass until their contexts reach `batch_contexts`. A
+    Words are packed into one forward pass until their contexts reach `batch_contexts` (64 is
+    best on CPU, where larger passes are slower per token; on a GPU use e.g. 1024). A
     word with more than `max_contexts_per_chunk` usable contexts is split into chunks of
     that size, and its vector is the mean of the chunk vectors weighted by chunk size (this
     bounds the (C, C) attentive-mimicking matrix and the batch). A word that occurs several
