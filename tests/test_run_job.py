@@ -4,10 +4,12 @@ end to end through `ray job submit` to a real local head."""
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -150,7 +152,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
     """`ray start --head --block` in its own process group (stopping it never touches other Rays on
     this machine, unlike `ray stop`); token auth explicitly off for head and client (RAY_NOTES.md)."""
     bin_dir = Path(sys.executable).parent
@@ -158,25 +160,36 @@ def ray_head(tmp_path):
     for key in ("RAY_ADDRESS", "AWS_ENDPOINT_URL"):
         env.pop(key, None)
     dashboard = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=3",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
-         f"--temp-dir={tmp_path / 'ray'}"],
+         f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
     while subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address], env=env,
                          capture_output=True).returncode != 0:
         if time.time() > deadline or head.poll() is not None:
-            os.killpg(head.pid, signal.SIGKILL)
+            _stop(head)
             raise RuntimeError("the local Ray head did not start")
         time.sleep(2)
     yield address, env
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+    _stop(head)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """Stop the head and every process it started (its process group)."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(head.pid, sig)
+            head.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _submit(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:
