@@ -134,8 +134,8 @@ def main() -> None:
 
     t0 = time.time()
     plain = {}
-    for name, slot in (("", None), (" | form vector in the add slot", form),
-                       (" | true embedding in the add slot", {w: embedding[vocab[w]] for w in demo + held})):
+    for name, slot in (("", None), (", form vector in the add slot", form),
+                       (", true embedding in the add slot", {w: embedding[vocab[w]] for w in demo + held})):
         train_x, test_x = (mask_features(lm, tokenizer, words, contexts, args.contexts, slot) for words in (demo, held))
         if slot is None:
             plain = (train_x, test_x)
@@ -149,7 +149,7 @@ def main() -> None:
     rows.append(("ridge on [frozen [MASK] outputs, form vector] (post-encoder fusion)", held_cos, train_cos))
 
     whole_words = [w for w in vocab if w.isalpha() and len(w) > 1 and w not in held]
-    for name, words in (("demo target words", demo), ("every whole-word token of the LM", whole_words)):
+    for name, words in (("demo target words", demo), ("whole-word tokens of the LM", whole_words)):
         model, ngrams = train_form(words, embedding, vocab)
         with torch.no_grad():
             rows.append((f"form model, 10 epochs on the {len(words)} {name}", cos(model(ngrams.encode(held)), held),
