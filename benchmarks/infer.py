@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections import defaultdict
 import platform
 import statistics
 import sys
@@ -91,16 +92,36 @@ def busy_cpu_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def time_runs(fn, repeats: int) -> tuple[float, float]:
-    """The median seconds of `repeats` calls of `fn`, and the cores other processes kept busy meanwhile."""
+def our_cpu_s() -> float:
+    """CPU seconds of this process and its descendants (a local Ray's daemons and workers; exited ones
+    count in their parent's children times), from /proc/<pid>/stat."""
+    used, children = {}, defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            used[int(entry.name)] = sum(map(int, fields[11:15]))  # utime, stime, cutime, cstime
+            children[int(fields[1])].append(int(entry.name))  # by parent
+    ours, todo = [], [os.getpid()]
+    while todo:
+        ours.append(todo.pop())
+        todo += children[ours[-1]]
+    return sum(used.get(pid, 0) for pid in ours) / os.sysconf("SC_CLK_TCK")
+
+
+def time_runs(fn, repeats: int) -> tuple[float, float, object]:
+    """The median seconds of `repeats` calls of `fn`, the cores other processes kept busy meanwhile
+    (Ray's workers, which run at nice 15, yield to them), and the last call's result."""
     seconds = []
-    machine, ours, start_all = busy_cpu_s(), time.process_time(), time.perf_counter()
+    machine, ours, start_all = busy_cpu_s(), our_cpu_s(), time.perf_counter()
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        result = fn()
         seconds.append(time.perf_counter() - start)
-    others = (busy_cpu_s() - machine) - (time.process_time() - ours)
-    return statistics.median(seconds), max(0.0, others / (time.perf_counter() - start_all))
+    others = (busy_cpu_s() - machine) - (our_cpu_s() - ours)
+    return statistics.median(seconds), max(0.0, others / (time.perf_counter() - start_all)), result
 
 
 def run_ray_job(bertram: str, words: dict[str, list[str]], cpus: int) -> dict:
@@ -144,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     per_run = lambda counts: [c // args.repeats for c in counts]  # noqa: E731
     load = loadavg()
     say(f"one word at a time ({len(words)} words x {args.contexts} contexts), load {load}")
-    single, others = time_runs(lambda: [infer.infer_vector(model, tokenizer, w, cs) for w, cs in words.items()],
+    single, others, _ = time_runs(lambda: [infer.infer_vector(model, tokenizer, w, cs) for w, cs in words.items()],
                                args.repeats)
     rows.append(("one word at a time (`infer_vector` per word)", single, *per_run(tokens.take()), load, others))
     reference = {w: infer.infer_vector(model, tokenizer, w, cs) for w, cs in words.items()}
@@ -152,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     for batch in [int(b) for b in args.batch_contexts.split(",")]:
         load = loadavg()
         say(f"batched, batch_contexts {batch}, load {load}")
-        seconds, others = time_runs(lambda: infer.infer_vectors(model, tokenizer, words, batch_contexts=batch),
+        seconds, others, _ = time_runs(lambda: infer.infer_vectors(model, tokenizer, words, batch_contexts=batch),
                                     args.repeats)
         rows.append((f"batched (`infer_vectors`, batch_contexts {batch})", seconds, *per_run(tokens.take()), load,
                      others))
@@ -166,15 +187,18 @@ def main(argv: list[str] | None = None) -> None:
 
         cpus = torch.get_num_threads()
         say(f"jobs.infer on a local Ray with {cpus} CPUs: 2 words (start-up), then all, load {loadavg()}")
-        start_up = run_ray_job(args.bertram, dict(list(words.items())[:2]), cpus)["timings"]["infer_s"]
+        _, others_start, start_up = time_runs(lambda: run_ray_job(args.bertram, dict(list(words.items())[:2]), cpus),
+                                              1)
         load = loadavg()
-        result = run_ray_job(args.bertram, words, cpus)
+        _, others, result = time_runs(lambda: run_ray_job(args.bertram, words, cpus), 1)
         ray.shutdown()
-        seconds = result["timings"]["infer_s"]
+        seconds, start_up = result["timings"]["infer_s"], start_up["timings"]["infer_s"]
         name = (f"jobs.infer on Ray ({result['actors']} actors x 1 thread, batch_contexts "
                 f"{result['config']['batch_contexts']})")
-        rows.append((name, seconds, None, None, load, None))
-        rows.append((name + ", start-up of 2 words taken off", seconds - start_up, None, None, load, None))
+        rows.append((name, seconds, None, None, load, others))
+        if seconds > start_up:  # else too few words to tell the start-up from the work
+            rows.append((name + ", start-up of 2 words taken off", seconds - start_up, None, None, load,
+                         max(others, others_start)))
         ray_note = (f" The Ray job's time is its actor pool's (`timings.infer_s`: starting {result['actors']} actors, "
                     f"loading the model in each, inferring); the same job on 2 words took {start_up:.1f} s, "
                     "which the last row takes off to estimate the steady rate.")
@@ -200,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     lines += ["", f"Real tokens: {real_tokens:,} (the same words and contexts in every run). Batched vectors equal "
               f"the one-at-a-time ones (max abs difference < 1e-4). Load before: the 1-minute load average when "
               "the run started (it includes the previous run); others' cores: CPU that other processes used "
-              f"during the run, on average (from /proc/stat, minus this process).{ray_note}", ""]
+              "during the run, on average (from /proc/stat, minus this process and its descendants, Ray's "
+              f"included). Ray's workers run at nice 15 and yield the CPU to other processes.{ray_note}", ""]
     table = "\n".join(lines)
     print(table)
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
