@@ -207,8 +207,7 @@ def _summary(config: RunConfig, stages: _Stages, out: dict[str, str], results: d
                 log(f"  {line}")
     for word, neighbours in nearest_neighbours(out["vectors"], config.model, config.summary_words).items():
         log(f"  nearest to {word!r}: {', '.join(neighbours)}")
-    log(f"use it: AutoModelForMaskedLM.from_pretrained / AutoTokenizer.from_pretrained on "
-        f"{storage.redact(out['augmented'])} (tokens <BERTRAM:word>); vectors in {storage.redact(out['vectors'])}")
+    log(f"vectors: {storage.redact(out['vectors'])}; the language model with them: {results['augment']['usage']}")
 
 
 def nearest_neighbours(vectors_uri: str, model: str, n_words: int, k: int = 5) -> dict[str, list[str]]:

@@ -312,6 +312,9 @@ def _fit(config: TrainConfig, loop: LoopSettings, sampling: Sampling, buckets: l
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # every worker must see the batches in the same order
     ds.context.execution_options.preserve_order = True  # (local mode reads the dataset as is)
+    # Training progress is the loop's own lines (step, loss, words/s, ETA); Ray Data's bars,
+    # drawn inside every worker, would flood the log.
+    ds.context.enable_progress_bars = False
     # ---
     fs, path = storage.filesystem(checkpoints)  # (local paths come back absolute)  # our S3 settings (endpoint, timeouts, retries)
     scaling = ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
