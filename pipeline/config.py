@@ -189,15 +189,9 @@ def help_text(cls: type, prog: str, description: str) -> str:
                 lines.append(f"  [{prefix}{f.name}] {docs.get(f.name, '')}")
                 walk(tp, f"{prefix}{f.name}.")
                 continue
-            if f.default is not dataclasses.MISSING:
-                default = f"default: {f.default!r}"
-            elif f.default_factory is not dataclasses.MISSING:
-                default = f"default: {f.default_factory()!r}"
-            else:
-                default = "required"
-            base, _ = _base_type(tp)
-            kind = getattr(base, "__name__", str(base))
-            lines.append(f"  --{prefix}{f.name} {kind.upper()}  ({default})")
+            default = _default(f)
+            lines.append(f"  --{prefix}{f.name} {_kind(tp).upper()}  "
+                         f"({'required' if default is None else f'default: {default}'})")
             for chunk in textwrap.wrap(docs.get(f.name, ""), 80):
                 lines.append(f"        {chunk}")
 
@@ -229,17 +223,25 @@ def _fields_table(cls: type, fields, docs: dict[str, str], prefix: str) -> str:
     hints = _resolved_types(cls)
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for f in fields:
-        if f.default is not dataclasses.MISSING:
-            default = f"`{f.default!r}`"
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f"`{f.default_factory()!r}`"
-        else:
-            default = "required"
-        base, _ = _base_type(hints[f.name])
-        kind = getattr(base, "__name__", str(base))
+        default = _default(f)
         doc = docs.get(f.name, "").replace("|", "\\|")
-        rows.append(f"| `{prefix}{f.name}` | {kind} | {default} | {doc} |")
+        rows.append(f"| `{prefix}{f.name}` | {_kind(hints[f.name])} | "
+                    f"{'required' if default is None else f'`{default}`'} | {doc} |")
     return "\n".join(rows) + "\n"
+
+
+def _default(f: dataclasses.Field) -> str | None:
+    """The repr of a field's default, None when the field is required."""
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return repr(f.default_factory())
+    return None
+
+
+def _kind(tp: Any) -> str:
+    base, _ = _base_type(tp)
+    return getattr(base, "__name__", str(base))
 
 
 def parse(cls: type[T], argv: list[str] | None = None, prog: str = "", description: str = "") -> T:
