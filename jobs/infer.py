@@ -259,8 +259,13 @@ def infer_on_ray(config: InferConfig, words: list[str], contexts: dict[str, list
                                                     "max_seq_length": config.max_seq_length})
     table = pa.concat_tables(list(vectors.iter_batches(batch_size=None, batch_format="pyarrow")))
     # ---
-    position = {w: i for i, w in enumerate(words)}  # the input order, whatever order the actors finished in
-    return table.take(np.argsort([position[w] for w in table["word"].to_pylist()])), actors
+    return in_order(table, words), actors
+
+
+def in_order(table: pa.Table, words: list[str]) -> pa.Table:
+    """The rows of `table` in the order of `words`, whatever order the actors finished in."""
+    position = {w: i for i, w in enumerate(words)}
+    return table.take(np.argsort([position[w] for w in table["word"].to_pylist()]))
 
 
 def infer(config: InferConfig) -> dict:

@@ -167,6 +167,15 @@ def test_words_and_corpus_gather_contexts_with_preprocess_and_a_rerun_is_skipped
     assert not (tmp_path / "out-never" / "preprocessed").exists()
 
 
+def test_vectors_come_back_in_the_input_order_whatever_order_the_actors_finished_in():
+    words = ["kumquat", "apple", "river", "stone", "tree"]
+    vectors = np.arange(10, dtype=np.float32).reshape(5, 2)  # (W, D)
+    shuffled = jobs.infer.vectors_table(words, vectors, [1, 2, 3, 4, 5]).take([3, 0, 4, 2, 1])
+    table = jobs.infer.in_order(shuffled, words)
+    assert table["word"].to_pylist() == words and table["n_contexts"].to_pylist() == [1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(np.array(table["vector"].to_pylist(), np.float32), vectors)
+
+
 def test_a_context_only_model_without_contexts_for_a_word_fails_before_any_ray_work(models, tmp_path, monkeypatch):
     monkeypatch.setattr(jobs.infer, "connect_ray", lambda *a, **k: pytest.fail("Ray work started"))
     path = _reference_text(tmp_path / "c.tsv", [("apple", _contexts("apple", 3)), ("kumquat", ["kumquats only"])])
