@@ -55,7 +55,7 @@ class InferOptions:
     lowercase: bool = True
     """With --corpus: lowercase the corpus and the words (switch off for cased models)."""
     num_actors: int | None = None
-    """Inference actors (each loads the model once); default: one per CPU, or per GPU with --use_gpu."""
+    """Inference actors (each loads the model once); default: CPUs / cpus_per_actor, or one per GPU with --use_gpu."""
     cpus_per_actor: int = 1
     """CPUs (intra-op threads) of each actor."""
     use_gpu: bool = False
