@@ -174,7 +174,12 @@ def ray_head():
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=3",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}"],
+         f"--temp-dir={temp_dir}",
+         # Every agent port free too: the suite's in-process Ray holds the defaults (52365, ...), and a
+         # head whose job agent cannot bind answers every submission "No available agent".
+         *(f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "metrics-export-port", "runtime-env-agent-port",
+                                                   "ray-client-server-port"))],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
