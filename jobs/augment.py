@@ -14,7 +14,6 @@ keeps the word's own pieces too: `a kumquat / <BERTRAM:kumquat> is sweet`
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -143,11 +142,7 @@ def augment(config: AugmentConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp:  # transformers writes local directories only
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                rel = os.path.relpath(os.path.join(root, name), tmp)
-                with open(os.path.join(root, name), "rb") as f:
-                    storage.write_bytes(storage.join(output, *rel.split(os.sep)), f.read())
+        storage.write_dir(tmp, output)
     cls = "AutoModelForMaskedLM" if head == "masked_lm" else "AutoModel"
     where = storage.redact(output) if storage.is_local(output) else "<a local copy of " + storage.redact(output) + ">"
     usage = (f'AutoTokenizer.from_pretrained("{where}"), {cls}.from_pretrained("{where}"); input text: '

@@ -276,11 +276,7 @@ class Bertram(nn.Module):
                     f.write(self.ngram_vocab.to_json())
             if tokenizer is not None:
                 tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-            for root, _, files in os.walk(tmp):
-                for name in files:
-                    rel = os.path.relpath(os.path.join(root, name), tmp)
-                    with open(os.path.join(root, name), "rb") as f:
-                        storage.write_bytes(storage.join(uri, *rel.split(os.sep)), f.read())
+            storage.write_dir(tmp, uri)
 
     @classmethod
     def from_pretrained(cls, uri: str, device: str | torch.device = "cpu") -> "Bertram":

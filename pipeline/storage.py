@@ -229,6 +229,15 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise _explain(uri, exc) from exc
 
 
+def write_dir(local_dir: str, uri: str) -> None:
+    """Write every file under the local directory `local_dir` to the same relative path under `uri`."""
+    for root, _, files in os.walk(local_dir):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), local_dir)
+            with open(os.path.join(root, name), "rb") as f:
+                write_bytes(join(uri, *rel.split(os.sep)), f.read())
+
+
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
