@@ -54,6 +54,8 @@ class EvaluateOptions:
     """At most this many contexts (a seeded sample) per WNLaMPro key word to infer its vector from."""
     batch_size: int = 64
     """WNLaMPro patterns per forward pass of the masked LM."""
+    max_seq_length: int = 128
+    """Tokens per context when inferring vectors (as in training: longer contexts are cut around the word)."""
 
     def __post_init__(self) -> None:
         if not self.counts or any(n < 1 for n in self.counts):
@@ -260,8 +262,9 @@ def _reconstruction(config: EvaluateConfig, heldout: list[str], loaded: dict, to
     t0 = time.time()
     rows = ev.reconstruction(loaded, usable, tokenizer, embedding, config.counts, config.seed,
                              on_row=lambda r: log(f"evaluate: {r['model']}, {r['contexts']} contexts: cosine "
-                                                  f"{r['cosine']:.3f}, median rank {r['median_rank']:.0f} "
-                                                  f"({time.time() - t0:.0f} s)"))
+                                                  f"{r['cosine']:.3f}, MRR {r['mrr']:.3f}, median rank "
+                                                  f"{r['median_rank']:.0f} ({time.time() - t0:.0f} s)"),
+                             max_seq_length=config.max_seq_length)
     baseline = "mean of word pieces" if ev.is_wordpiece(tokenizer) else (
         f"skipped: it splits a word into WordPiece pieces as if it were not in the vocabulary, and "
         f"{type(tokenizer).__name__} is not a WordPiece tokenizer")
@@ -274,7 +277,7 @@ def _reconstruction(config: EvaluateConfig, heldout: list[str], loaded: dict, to
         rng = np.random.default_rng(config.seed)
         words = sorted(rng.choice(list(usable), size=min(config.plot_words, len(usable)), replace=False).tolist())
         n = max(config.counts)
-        vectors = ev.inferred_at(*loaded[MAIN], usable, n, config.seed, words)
+        vectors = ev.inferred_at(*loaded[MAIN], usable, n, config.seed, words, config.max_seq_length)
         ids = ev.single_token_ids(words, tokenizer)
         plots["pca.png"] = ev.pca_plot(words, torch.stack([vectors[w] for w in words]).numpy(),
                                        embedding[[ids[w] for w in words]].numpy(),

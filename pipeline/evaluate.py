@@ -107,37 +107,52 @@ def sample_contexts(contexts: dict[str, list[str]], n: int, seed: int) -> dict[s
 
 
 def inferred_at(model, tokenizer, contexts: dict[str, list[str]], n: int, seed: int,
-                words: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+                words: Sequence[str] | None = None, max_seq_length: int = 128) -> dict[str, torch.Tensor]:
     """The vectors a model infers from `n` sampled contexts per word, as `reconstruction` draws them
     (the sample is drawn over all of `contexts`, then restricted to `words`)."""
     chosen = sample_contexts(contexts, n, seed + n)
     if words is not None:
         chosen = {w: chosen[w] for w in words}
     with torch.inference_mode():
-        return infer.infer_vectors(model, tokenizer, chosen)
+        return infer.infer_vectors(model, tokenizer, chosen, max_seq_length=max_seq_length)
 
 
 def cosine_and_rank(predicted: dict[str, torch.Tensor], true_ids: dict[str, int],
                     embedding: torch.Tensor) -> dict[str, float]:
     """Mean cosine of predicted to true embeddings; median and mean rank of the true word among all
-    embeddings (1 = nearest); share with the true word in the nearest 10."""
+    embeddings (1 = nearest), its mean reciprocal rank (MRR), the share with the true word in the
+    nearest 10; and the mean pairwise cosine among the predicted vectors (`spread`: near 1 when
+    they all collapse to one point; compare `spread_true`, the same among the true embeddings)."""
     words = [w for w in predicted if w in true_ids]
     if not words:
-        return {"n": 0, "cosine": float("nan"), "median_rank": float("nan"), "mean_rank": float("nan"),
-                "hits@10": float("nan")}
+        return {"n": 0, "cosine": float("nan"), "mrr": float("nan"), "median_rank": float("nan"),
+                "mean_rank": float("nan"), "hits@10": float("nan"), "spread": float("nan"),
+                "spread_true": float("nan")}
     pred = torch.stack([predicted[w].float() for w in words])  # (W, D)
     ids = torch.tensor([true_ids[w] for w in words])
     table = F.normalize(embedding.float(), dim=-1)  # (V, D)
     sims = F.normalize(pred, dim=-1) @ table.T  # (W, V)
     true_sim = sims[torch.arange(len(words)), ids]  # (W,)
     ranks = (sims > true_sim[:, None]).sum(1) + 1  # (W,)
-    return {"n": len(words), "cosine": float(true_sim.mean()), "median_rank": float(ranks.float().median()),
-            "mean_rank": float(ranks.float().mean()), "hits@10": float((ranks <= 10).float().mean())}
+    return {"n": len(words), "cosine": float(true_sim.mean()), "mrr": float((1.0 / ranks.float()).mean()),
+            "median_rank": float(ranks.float().median()), "mean_rank": float(ranks.float().mean()),
+            "hits@10": float((ranks <= 10).float().mean()), "spread": mean_pairwise_cosine(pred),
+            "spread_true": mean_pairwise_cosine(embedding[ids].float())}
+
+
+def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
+    """Mean cosine over all pairs of distinct rows of (W, D) `vectors` (nan for fewer than 2)."""
+    if len(vectors) < 2:
+        return float("nan")
+    unit = F.normalize(vectors.float(), dim=-1)
+    sims = unit @ unit.T  # (W, W)
+    n = len(vectors)
+    return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
 
 
 def reconstruction(models: dict[str, tuple], contexts: dict[str, list[str]], tokenizer, embedding: torch.Tensor,
                    counts: Sequence[int] = (1, 4, 16), seed: int = 0,
-                   on_row: Callable[[dict], None] | None = None) -> list[dict]:
+                   on_row: Callable[[dict], None] | None = None, max_seq_length: int = 128) -> list[dict]:
     """Rows (model, contexts, n, cosine, ranks) for each model and number of contexts, after the
     baseline's row (only for a WordPiece `tokenizer`: see `is_wordpiece`).
 
@@ -153,7 +168,7 @@ def reconstruction(models: dict[str, tuple], contexts: dict[str, list[str]], tok
     evaluated = {w: c for w, c in contexts.items() if w in true_ids}
     for name, (model, model_tokenizer) in models.items():
         for n in counts:
-            vectors = inferred_at(model, model_tokenizer, evaluated, n, seed)
+            vectors = inferred_at(model, model_tokenizer, evaluated, n, seed, max_seq_length=max_seq_length)
             rows.append({"model": name, "contexts": n, **cosine_and_rank(vectors, true_ids, embedding)})
             if on_row is not None:
                 on_row(rows[-1])
@@ -161,10 +176,20 @@ def reconstruction(models: dict[str, tuple], contexts: dict[str, list[str]], tok
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | contexts | words | cosine | median rank | hits@10 |", "|---|---:|---:|---:|---:|---:|"]
+    """The reconstruction table; `spread` is the mean pairwise cosine among a row's vectors (the
+    true embeddings' own is in the caption line under the table)."""
+    lines = ["| model | contexts | words | cosine | MRR | median rank | hits@10 | spread |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['contexts']} | {r['n']} | {_number(r['cosine'], '.3f')} | "
-                     f"{_number(r['median_rank'], '.0f')} | {_number(r['hits@10'], '.2f')} |")
+                     f"{_number(r.get('mrr'), '.3f')} | {_number(r['median_rank'], '.0f')} | "
+                     f"{_number(r['hits@10'], '.2f')} | {_number(r.get('spread'), '.3f')} |")
+    true_spread = next((r["spread_true"] for r in rows if r.get("spread_true") == r.get("spread_true")
+                        and r.get("spread_true") is not None), None)
+    if true_spread is not None:
+        lines.append("")
+        lines.append(f"spread: mean pairwise cosine among a row's vectors; among the true embeddings of these "
+                     f"words it is {true_spread:.3f} (far above it: the vectors collapse towards one point).")
     return "\n".join(lines)
 
 

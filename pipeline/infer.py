@@ -12,7 +12,7 @@
 
 A word's vector comes from its form (character n-grams) and/or its contexts, depending on
 the model's mode. Contexts that do not contain the word as a whole word are skipped. A
-model with a form part (form, add, add-quotes, replace, shallow) gives the form vector to a
+model with a form part (form, add, add-quotes, replace, shallow, gated) gives the form vector to a
 word without usable contexts; a context-only model cannot, and says so.
 
 Pure library, no Ray: the Ray Data batch inference job calls `infer_vectors` per block.
@@ -227,7 +227,7 @@ def _require_contexts(missing: list[str]) -> None:
         shown = ", ".join(repr(w) for w in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"no usable context for {shown}: a context-only BERTRAM model needs at least one context "
                          "that contains the word as a whole word; pass such contexts, or use a model with a form "
-                         "part (form, add, add-quotes, replace, shallow)")
+                         "part (form, add, add-quotes, replace, shallow, gated)")
 
 
 def _check(word: str, contexts: Sequence[str]) -> None:

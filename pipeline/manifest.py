@@ -65,7 +65,7 @@ def reset(output: str, stage: str, owned: tuple[str, ...]) -> None:
     cleared: a user's directory is never deleted.
     """
     if storage.exists(output):
-        prefix = storage.join(output, "")
+        prefix = storage.join(storage.absolute(output), "")  # list_files gives local paths absolute
         for f in storage.list_files(output):
             top = f.uri[len(prefix):].lstrip("/").split("/", 1)[0] if f.uri.startswith(prefix) else f.uri
             if not any(fnmatch.fnmatchcase(top, pattern) for pattern in owned + (MANIFEST,)):

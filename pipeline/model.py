@@ -5,7 +5,7 @@ One model, one file, read top to bottom:
     NgramVocab            character n-grams of a word (n = 3..5, <S> and </S> boundaries)
     FormModel             the form vector: mean of the word's n-gram embeddings
     AttentiveMimicking    reliability weights of a word's contexts from their similarities
-    Bertram               form | context | fused (add, add-quotes, replace, shallow)
+    Bertram               form | context | fused (add, add-quotes, replace, shallow, gated)
 
 Shapes in comments: B words in a batch, N contexts in the batch (all words together),
 C the most contexts of one word, T tokens per context, H the encoder's hidden size, D the
@@ -30,8 +30,13 @@ import torch.nn as nn
 
 from pipeline import storage
 
-MODES = ("form", "context", "add", "add-quotes", "replace", "shallow")
-FUSED_MODES = ("add", "add-quotes", "replace", "shallow")
+MODES = ("form", "context", "add", "add-quotes", "replace", "shallow", "gated")
+FUSED_MODES = ("add", "add-quotes", "replace", "shallow", "gated")
+GATED_MODES = ("shallow", "gated")  # form and context combined after the encoder by a learned gate
+# How one context becomes a vector: the encoder's state at [MASK] in the last layer (the
+# paper), the mean of the last four layers there, or either next to the mean-pooled last
+# layer over the context's tokens (what a sentence-embedding model is trained to output).
+CONTEXT_FEATURES = ("mask", "mask4", "mask+pooled", "mask4+pooled")
 PAD, UNK = 0, 1  # n-gram ids
 CONFIG_NAME, WEIGHTS_NAME, NGRAMS_NAME = "config.json", "model.safetensors", "ngram_vocab.json"
 
@@ -42,6 +47,33 @@ def uses_form(mode: str) -> bool:
 
 def uses_context(mode: str) -> bool:
     return mode != "form"
+
+
+def reads_cached_features(mode: str) -> bool:
+    """Whether the encoder's input is the context alone (no form vector inside it), so that a
+    context's features can be computed once and cached (`jobs.features`)."""
+    return uses_context(mode) and form_slot(mode) is None and mode != "replace"
+
+
+def feature_size(kind: str, hidden_size: int) -> int:
+    """Size of one context's feature vector (H')."""
+    return 2 * hidden_size if kind.endswith("+pooled") else hidden_size
+
+
+def context_features(hidden_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor,
+                     mask_positions: torch.Tensor, kind: str = "mask") -> torch.Tensor:
+    """(N, H') features of N contexts from the encoder's hidden states (embeddings layer first,
+    each (N, T, H)), per `CONTEXT_FEATURES`. Training on cached features and inference share it."""
+    rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)
+    if kind.startswith("mask4"):
+        at_mask = torch.stack([h[rows, mask_positions] for h in hidden_states[-4:]]).mean(0)  # (N, H)
+    else:
+        at_mask = hidden_states[-1][rows, mask_positions]  # (N, H)
+    if not kind.endswith("+pooled"):
+        return at_mask
+    weights = attention_mask.to(hidden_states[-1].dtype).unsqueeze(-1)  # (N, T, 1)
+    pooled = (hidden_states[-1] * weights).sum(1) / weights.sum(1).clamp(min=1)  # (N, H)
+    return torch.cat([at_mask, pooled], dim=-1)  # (N, 2H)
 
 
 def form_slot(mode: str) -> int | None:
@@ -156,10 +188,17 @@ class BertramConfig:
     ngram_vocab_size: int = 0
     ngram_dropout: float = 0.1
     encoder_config: dict | None = None  # the encoder's transformers config (context modes)
+    context_features: str = "mask"  # how a context becomes a vector (CONTEXT_FEATURES)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.context_features not in CONTEXT_FEATURES:
+            raise ValueError(f"context_features must be one of {', '.join(CONTEXT_FEATURES)}, got "
+                             f"{self.context_features!r}")
+        if self.context_features != "mask" and not reads_cached_features(self.mode) and uses_context(self.mode):
+            raise ValueError(f"mode {self.mode!r} feeds the form vector through the encoder; it reads the "
+                             "paper's [MASK] state only (context_features 'mask')")
 
 
 class Bertram(nn.Module):
@@ -174,15 +213,15 @@ class Bertram(nn.Module):
             if encoder is None:
                 raise ValueError(f"mode {config.mode!r} needs an encoder")
             self.encoder = encoder
-            hidden = encoder.config.hidden_size
+            hidden = feature_size(config.context_features, encoder.config.hidden_size)
             self.mimicking = AttentiveMimicking(hidden)
             self.context_linear = nn.Linear(hidden, config.output_size)
-        if config.mode == "shallow":
-            self.gate = nn.Linear(2 * config.output_size, 1)
+        if config.mode in GATED_MODES:  # gated: the gate also reads log(1 + number of contexts)
+            self.gate = nn.Linear(2 * config.output_size + (config.mode == "gated"), 1)
 
     @classmethod
     def create(cls, mode: str, base_model: str, ngram_vocab: NgramVocab | None = None,
-               ngram_dropout: float = 0.1) -> "Bertram":
+               ngram_dropout: float = 0.1, context_features: str = "mask") -> "Bertram":
         """A fresh model for `base_model` (any BERT/RoBERTa that `transformers.AutoModel` loads)."""
         from transformers import AutoModel
 
@@ -190,7 +229,8 @@ class Bertram(nn.Module):
         output_size = lm.get_input_embeddings().embedding_dim
         config = BertramConfig(mode=mode, base_model=base_model, output_size=output_size,
                                ngram_vocab_size=len(ngram_vocab) if ngram_vocab else 0, ngram_dropout=ngram_dropout,
-                               encoder_config=lm.config.to_dict() if uses_context(mode) else None)
+                               encoder_config=lm.config.to_dict() if uses_context(mode) else None,
+                               context_features=context_features if uses_context(mode) else "mask")
         if uses_form(mode) and ngram_vocab is None:
             raise ValueError(f"mode {mode!r} needs an n-gram vocabulary")
         model = cls(config, lm if uses_context(mode) else None)
@@ -201,21 +241,43 @@ class Bertram(nn.Module):
 
     def forward(self, ngram_ids: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, mask_positions: torch.Tensor | None = None,
-                context_word: torch.Tensor | None = None) -> torch.Tensor:
+                context_word: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         """The inferred vectors (B, D) of a batch of words.
 
         ngram_ids (B, G): the words' n-grams (form modes). input_ids, attention_mask (N, T):
         every context of every word, the word replaced by the mask token (and, in the add
         modes, the form slot after [CLS]); mask_positions (N,): where the mask token is;
         context_word (N,): which of the B words each context belongs to (context modes).
+        features (N, H'): instead of input_ids, the contexts' cached `encode_contexts`
+        output (modes whose encoder reads the context alone: context, shallow).
         """
         mode = self.config.mode
         form = self.form(ngram_ids) if uses_form(mode) else None  # (B, D)
         if mode == "form":
             return form
-        if input_ids is None or input_ids.shape[0] == 0:
-            raise ValueError(f"a {mode!r} model needs at least one context per word")
+        if features is None:
+            if input_ids is None or input_ids.shape[0] == 0:
+                raise ValueError(f"a {mode!r} model needs at least one context per word")
+            features = self.encode_contexts(input_ids, attention_mask, mask_positions, form, context_word)
+        elif not reads_cached_features(mode):
+            raise ValueError(f"a {mode!r} model feeds the form through the encoder: it cannot read cached features")
 
+        grouped, valid = group_by_word(features, context_word, self._num_words(ngram_ids, context_word))  # (B, C, H')
+        weights = self.mimicking(grouped, valid)  # (B, C)
+        context = self.context_linear((weights.unsqueeze(-1) * grouped).sum(dim=1))  # (B, D)
+        if mode in GATED_MODES:  # a = sigmoid(w . [context; form (; log(1 + n))] + b)
+            parts = [context, form]
+            if mode == "gated":
+                parts.append(torch.log1p(valid.sum(dim=1, keepdim=True).to(context.dtype)))  # (B, 1)
+            a = torch.sigmoid(self.gate(torch.cat(parts, dim=-1)))  # (B, 1)
+            return a * context + (1 - a) * form
+        return context
+
+    def encode_contexts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_positions: torch.Tensor,
+                        form: torch.Tensor | None = None, context_word: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, H') features of N contexts from the encoder (in the add and replace modes with the
+        words' form vectors (B, D) inside the input)."""
+        mode = self.config.mode
         embeds = self.encoder.get_input_embeddings()(input_ids)  # (N, T, H)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         if mode == "replace":  # the form vector takes the place of the mask token's embedding
@@ -223,16 +285,11 @@ class Bertram(nn.Module):
         elif form_slot(mode) is not None:  # ... or of the placeholder after [CLS]
             slot = torch.full_like(mask_positions, form_slot(mode))
             embeds = embeds.index_put((rows, slot), form[context_word].to(embeds.dtype))
-        hidden = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
-        at_mask = hidden[rows, mask_positions]  # (N, H)
-
-        grouped, valid = group_by_word(at_mask, context_word, self._num_words(ngram_ids, context_word))  # (B, C, H)
-        weights = self.mimicking(grouped, valid)  # (B, C)
-        context = self.context_linear((weights.unsqueeze(-1) * grouped).sum(dim=1))  # (B, D)
-        if mode == "shallow":
-            a = torch.sigmoid(self.gate(torch.cat([context, form], dim=-1)))  # (B, 1)
-            return a * context + (1 - a) * form
-        return context
+        kind = self.config.context_features
+        out = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask,
+                           output_hidden_states=kind != "mask" and kind != "mask+pooled")
+        hidden = out.hidden_states if out.hidden_states is not None else (out.last_hidden_state,)
+        return context_features(hidden, attention_mask, mask_positions, kind)
 
     @staticmethod
     def _num_words(ngram_ids: torch.Tensor | None, context_word: torch.Tensor) -> int:
@@ -254,7 +311,8 @@ class Bertram(nn.Module):
                                output_size=context_model.config.output_size,
                                ngram_vocab_size=form_model.config.ngram_vocab_size,
                                ngram_dropout=form_model.config.ngram_dropout,
-                               encoder_config=context_model.config.encoder_config)
+                               encoder_config=context_model.config.encoder_config,
+                               context_features=context_model.config.context_features)
         fused = cls(config, context_model.encoder)
         fused.load_state_dict({**context_model.state_dict(), **form_model.state_dict()}, strict=False)
         fused.ngram_vocab = form_model.ngram_vocab

@@ -45,6 +45,49 @@ def vectors_table(words: list[str], vectors: np.ndarray, source: str, losses: np
                      else pa.nulls(len(words), pa.float32())}, schema=TARGETS_SCHEMA)
 
 
+def whole_word_tokens(tokenizer) -> tuple[list[str], list[int]]:
+    """The vocabulary's tokens that are whole words, as words, and their ids.
+
+    A whole word is a token that starts a word and is made of letters only: `kumquat` in
+    WordPiece (not `##quat`), `Ġkumquat` in byte-level BPE (RoBERTa; `kumquat` without the
+    `Ġ` only continues a word), `▁kumquat` in SentencePiece. Special tokens are not words.
+    Their input-embedding rows are free training targets for the form model.
+    """
+    special = set(tokenizer.all_special_tokens)
+    vocab = tokenizer.get_vocab()
+    # How the tokenizer marks a word start: the second word of "a a" begins with it (BPE, SentencePiece).
+    second = (tokenizer.tokenize("a a") or [""])[-1]
+    starts = [p for p in ("Ġ", "▁") if second.startswith(p)]
+    words, ids = {}, {}
+    for token, i in sorted(vocab.items(), key=lambda item: item[1]):
+        if token in special:
+            continue
+        if starts:
+            if not token.startswith(starts[0]):
+                continue
+            word = token[len(starts[0]):]
+        else:
+            if token.startswith("##"):
+                continue
+            word = token
+        if len(word) > 1 and word.isalpha() and word not in words:
+            words[word] = None
+            ids[word] = i
+    return list(words), [ids[w] for w in words]
+
+
+def vocabulary_targets(model: str, exclude: set[str] = frozenset()) -> pa.Table:
+    """(word, vector, source = "vocabulary") for the whole-word tokens of `model` (`whole_word_tokens`)
+    not in `exclude`: their input-embedding rows."""
+    from transformers import AutoModel, AutoTokenizer
+
+    words, ids = whole_word_tokens(AutoTokenizer.from_pretrained(model))
+    keep = [i for i, w in enumerate(words) if w not in exclude]
+    embedding = AutoModel.from_pretrained(model).get_input_embeddings().weight.detach()  # (V, D)
+    vectors = embedding[[ids[i] for i in keep]].float().numpy() if keep else np.zeros((0, embedding.shape[1]))
+    return vectors_table([words[i] for i in keep], vectors, "vocabulary", None)
+
+
 def split_by_pieces(words: list[str], tokenizer) -> tuple[list[str], list[int], list[str], list[list[int]]]:
     """(single-token words, their ids, multi-piece words, their pieces)."""
     single, single_ids, multi, multi_pieces = [], [], [], []

@@ -39,7 +39,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline import storage
 from pipeline.batching import encode
-from pipeline.model import Bertram, NgramVocab, uses_context
+from pipeline.model import GATED_MODES, Bertram, NgramVocab, uses_form
 
 STAGES = ("form", "context", "fused")
 MAX_REPEATS = 5
@@ -57,6 +57,7 @@ class Sampling:
     uses_contexts: bool
     world_size: int
     seed: int
+    features: bool = False  # the contexts are cached encoder features (a jobs.features output), not text
 
 
 def repeats(count: int, min_count: int) -> int:
@@ -105,12 +106,14 @@ def epoch_bucket_plan(words: list[str], counts: list[int], n_contexts: list[int]
 
 
 def trainable_words(bucket: pa.Table, targets: pa.Table, min_count: int) -> pa.Table:
-    """The bucket's rows whose word has a target vector and count >= min_count, with `n_contexts`."""
+    """The bucket's rows whose word has a target vector and count >= min_count, with `n_contexts`
+    (of its `contexts`, or of its cached `features` in a jobs.features bucket)."""
     import pyarrow.compute as pc
 
     keep = pc.and_(pc.is_in(bucket["word"], targets["word"]), pc.greater_equal(bucket["count"], min_count))
     bucket = bucket.filter(keep)
-    return bucket.append_column("n_contexts", pc.list_value_length(bucket["contexts"]).fill_null(0))
+    column = "features" if "features" in bucket.column_names else "contexts"
+    return bucket.append_column("n_contexts", pc.list_value_length(bucket[column]).fill_null(0))
 
 
 def _targets(ref) -> tuple[dict[str, int], np.ndarray]:
@@ -139,16 +142,24 @@ def epoch_bucket_batches(items: dict[str, np.ndarray], targets_ref, sampling: Sa
     """Ray Data step: the packed batches of (epoch, bucket) work items, in order.
 
     Output rows (one per batch): epoch, position (of the item in its epoch), index (of the
-    batch in the item), owner (the rank that trains on it), words, vectors, contexts.
+    batch in the item), owner (the rank that trains on it), words, vectors, contexts (texts,
+    one list per word; with cached features, `features` (N, H') and `sizes` (contexts per word)
+    instead).
     """
+    from pipeline.features import feature_matrix
+
     row_of, matrix = _targets(targets_ref)
     words_table = pa.table({"word": list(row_of)})
-    out: dict[str, list] = {k: [] for k in ("epoch", "position", "index", "owner", "words", "vectors", "contexts")}
+    columns = ("epoch", "position", "index", "owner", "words", "vectors") + (
+        ("features", "sizes") if sampling.features else ("contexts",))
+    out: dict[str, list] = {k: [] for k in columns}
     for epoch, position, bucket, uri in zip(items["epoch"], items["position"], items["bucket"], items["uri"]):
         table = trainable_words(storage.read_parquet(str(uri)), words_table, sampling.min_count)
         words, counts = table["word"].to_pylist(), table["count"].to_pylist()
-        contexts = table["contexts"].to_pylist() if sampling.uses_contexts else None
+        contexts = table["contexts"].to_pylist() if sampling.uses_contexts and not sampling.features else None
         plan = epoch_bucket_plan(words, counts, table["n_contexts"].to_pylist(), int(epoch), int(bucket), sampling)
+        if sampling.features:
+            cached = {r: feature_matrix(table["features"], r) for r in {r for batch in plan for r, _ in batch}}
         for j, batch in enumerate(plan):
             names = [words[r] for r, _ in batch]
             out["epoch"].append(int(epoch))
@@ -157,6 +168,10 @@ def epoch_bucket_batches(items: dict[str, np.ndarray], targets_ref, sampling: Sa
             out["owner"].append(j % sampling.world_size)
             out["words"].append(names)
             out["vectors"].append(matrix[[row_of[w] for w in names]])
+            if sampling.features:
+                out["features"].append(np.concatenate([cached[r][idx] for r, idx in batch]))  # (N, H')
+                out["sizes"].append([len(idx) for _, idx in batch])
+                continue
             out["contexts"].append([[contexts[r][i] for i in idx] for r, idx in batch] if contexts
                                    else [[] for _ in names])
     return out
@@ -218,10 +233,20 @@ class Collate(NumpyBatchCollateFn):
         if int(owner) != self.rank or (self.resume_after is not None and where <= self.resume_after):
             return {}
         words = list(batch["words"][0])
+        target = np.stack(list(batch["vectors"][0])).astype(np.float32)  # (B, D)
+        if "features" in batch:  # cached encoder features: no tokenising, no encoder
+            sizes = torch.as_tensor(np.asarray(batch["sizes"][0], dtype=np.int64))
+            tensors = {"features": torch.from_numpy(np.asarray(batch["features"][0], dtype=np.float32)),
+                       "context_word": torch.repeat_interleave(torch.arange(len(words)), sizes)}
+            if uses_form(self.mode):
+                tensors["ngram_ids"] = self.ngram_vocab.encode(words)
+            tensors["target"] = torch.from_numpy(target)
+            tensors["where"] = torch.tensor(where)
+            tensors["num_contexts"] = torch.tensor(len(tensors["features"]))
+            return tensors
         contexts = [list(c) for c in batch["contexts"][0]]
         encoded = encode(words, contexts, self.tokenizer, self.mode, self.max_seq_length, self.ngram_vocab)
         tensors = dict(encoded.tensors)
-        target = np.stack(list(batch["vectors"][0])).astype(np.float32)  # (B, D)
         if "context_word" in tensors:  # words whose every context lost the word are dropped
             kept = torch.unique(tensors["context_word"])
             if len(kept) < len(words):
@@ -249,7 +274,7 @@ def trainable_parameters(model: Bertram, stage: str, finetune_encoder: bool = Fa
 
     form: the n-gram embeddings. context: attentive mimicking and the output layer (and
     the encoder with `finetune_encoder`). fused: with `optimize_only_combinator`, only what
-    combines the form and the contexts: the gate (`shallow`), or attentive mimicking and
+    combines the form and the contexts: the gate (`shallow`, `gated`), or attentive mimicking and
     the output layer, which read the encoder's form-aware outputs (`add`, `replace`).
     """
     mode = model.config.mode
@@ -260,7 +285,7 @@ def trainable_parameters(model: Bertram, stage: str, finetune_encoder: bool = Fa
     elif not optimize_only_combinator:
         prefixes = ("",)
     else:
-        prefixes = ("gate.",) if mode == "shallow" else ("mimicking.", "context_linear.")
+        prefixes = ("gate.",) if mode in GATED_MODES else ("mimicking.", "context_linear.")
     names = []
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith(prefixes))
@@ -322,6 +347,7 @@ class LoopSettings:
     seed: int
     bf16: bool
     fault_at_step: int | None = None
+    context_features: str = "mask"  # how a fresh context model reads a context (model.CONTEXT_FEATURES)
 
 
 def build_model(s: LoopSettings) -> tuple[Bertram, object]:
@@ -333,7 +359,8 @@ def build_model(s: LoopSettings) -> tuple[Bertram, object]:
     else:
         torch.manual_seed(s.seed)
         vocab = NgramVocab.from_json(s.ngram_vocab) if s.ngram_vocab else None
-        model = Bertram.create(s.mode, s.base_model, vocab, ngram_dropout=s.ngram_dropout)
+        model = Bertram.create(s.mode, s.base_model, vocab, ngram_dropout=s.ngram_dropout,
+                               context_features=s.context_features)
     return model, AutoTokenizer.from_pretrained(s.base_model)
 
 

