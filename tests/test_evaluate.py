@@ -72,7 +72,7 @@ def test_pca_2d_finds_the_plane_the_points_lie_in():
 def test_tables_show_a_dash_for_a_missing_number():
     row = {"model": "m", "contexts": 1, "n": 0, "cosine": float("nan"), "median_rank": float("nan"),
            "hits@10": float("nan")}
-    assert ev.markdown_table([row]).splitlines()[-1] == "| m | 1 | 0 | – | – | – |"
+    assert ev.markdown_table([row]).splitlines()[-1] == "| m | 1 | 0 | – | – | – | – | – |"  # no MRR, no spread
     scores = {b: {"n": 0, "MRR": None, "P@3": None, "P@10": None, "P@100": None}
               for b in ("rare", "medium", "frequent")}
     scores["all"] = {"n": 2, "MRR": 0.75, "P@3": 1.0, "P@10": 1.0, "P@100": 1.0}

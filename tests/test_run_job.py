@@ -22,8 +22,8 @@ from pipeline import storage
 
 from tests.conftest import REPO, TINY_WORDS
 
-STAGE_DIRS = ("preprocessed", "targets", "form", "context", "fused-init", "fused", "vectors", "augmented",
-              "evaluation")
+STAGE_DIRS = ("preprocessed", "targets", "features", "form", "context", "fused-init", "fused", "vectors",
+              "augmented", "evaluation")
 RARE = ["kumquat", "apples"]  # in the corpus, below min_count_target
 UNSEEN = "zebra"  # not in the corpus: its vector comes from its form
 
@@ -69,7 +69,13 @@ def _assert_complete_run(root: Path) -> None:
     assert n_contexts[UNSEEN] == 0 and all(n_contexts[w] > 0 for w in RARE)
     heldout = (root / "heldout.txt").read_text().split()
     form = json.loads((root / "form" / "manifest.json").read_text())
-    assert heldout and form["excluded_words"] == len(heldout)
+    excluded = (root / "excluded_from_parts.txt").read_text().split()  # held out + the fused stage's own words
+    assert heldout and set(heldout) <= set(excluded) and form["excluded_words"] == len(excluded)
+    assert form["vocab_words"] > 0  # the form part also learned from the LM's whole-word tokens
+    context = json.loads((root / "context" / "manifest.json").read_text())
+    assert context["features"] == str(root / "features")  # ... and the context part from cached features
+    fused = json.loads((root / "fused" / "manifest.json").read_text())
+    assert fused["mode"] == "gated" and fused["features"] == str(root / "features")
     report = json.loads((root / "evaluation" / "report.json").read_text())
     assert report["reconstruction"]["words"]["evaluated"] == len(heldout)
 
