@@ -31,8 +31,8 @@ import pyarrow.compute as pc
 from jobs.common import connect_ray, log, main
 from pipeline import manifest, storage, targets, vocab
 from pipeline.config import ConfigError, to_dict
-from pipeline.model import FUSED_MODES, Bertram, NgramVocab, reads_cached_features
-from pipeline.train import STAGES, LoopSettings, Sampling
+from pipeline.model import FUSED_MODES, GATED_MODES, Bertram, NgramVocab, reads_cached_features
+from pipeline.train import LOSSES, STAGES, LoopSettings, Sampling
 
 OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer", "loss.png", "checkpoints",
                 "train_config.json", "vocab_words.parquet")
@@ -82,6 +82,8 @@ class TrainOptions:
     """Form: share of a word's n-grams dropped in training."""
     ngram_min_count: int = 4
     """Form: n-grams seen in fewer vocabulary words than this map to UNK."""
+    loss: str | None = None
+    """mse (the paper) | cosine; default cosine for a gated/shallow fused stage (its gate learns the direction, not shrinkage), else mse."""
     vocab_words: bool = True
     """Form: also train on every whole-word token of the LM's vocabulary (its input embedding is the target); excluded words never."""
     max_seq_length: int = 128
@@ -118,6 +120,8 @@ class TrainOptions:
                               "contexts per instance are drawn from smin..smax")
         if self.num_workers < 0:
             raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
+        if self.loss is not None and self.loss not in LOSSES:
+            raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(f"--warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
 
@@ -322,10 +326,11 @@ def train(config: TrainConfig) -> dict:
                         checkpoint_every=config.checkpoint_every, log_every=config.log_every, seed=config.seed,
                         bf16=config.bf16, fault_at_step=config.fault_at_step,
                         context_features=manifest.read(config.features)["context_features"] if config.features
-                        else "mask")
+                        else "mask",
+                        loss=config.loss or ("cosine" if config.stage == "fused" and mode in GATED_MODES else "mse"))
     result = _fit(config, loop, sampling, buckets, bucket_ids, targets_ref, run_name, checkpoints)
     return _finish(config, result, tokenizer, mode, inputs, started, words, len(excluded), per_epoch,
-                   from_vocab.num_rows)
+                   from_vocab.num_rows, loop.loss)
 
 
 def _no_training_words(config: TrainConfig, pre: dict, tgt: dict, min_count: int, excluded: int) -> None:
@@ -394,7 +399,7 @@ def _fit(config: TrainConfig, loop: LoopSettings, sampling: Sampling, buckets: l
 
 
 def _finish(config: TrainConfig, result, tokenizer, mode: str, inputs: dict, started: float, words: int,
-            excluded: int, per_epoch: list[int], vocab_words: int = 0) -> dict:
+            excluded: int, per_epoch: list[int], vocab_words: int = 0, objective: str = "mse") -> dict:
     """Write the final model (from the last checkpoint), the loss curve and the manifest."""
     import json
     import os
@@ -409,12 +414,12 @@ def _finish(config: TrainConfig, result, tokenizer, mode: str, inputs: dict, sta
     if config.num_workers == 0:  # local mode: the checkpoint is a temporary directory of this process
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     model.save_pretrained(config.output, tokenizer)
-    storage.write_bytes(storage.join(config.output, "loss.png"), _loss_png(progress["losses"], config.stage))
+    storage.write_bytes(storage.join(config.output, "loss.png"), _loss_png(progress["losses"], config.stage, objective))
     seconds = max(progress["train_seconds"], 1e-9)
     losses = progress["losses"]
     settings = {k: v for k, v in to_dict(config).items() if k not in OPERATIONAL}
     out = manifest.write(config.output, f"train {config.stage}", settings, started, inputs=inputs,
-                         mode=mode, words=words, vocab_words=vocab_words, excluded_words=excluded,
+                         mode=mode, loss=objective, words=words, vocab_words=vocab_words, excluded_words=excluded,
                          features=storage.redact(config.features) if config.features else None, steps=progress["step"],
                          steps_per_epoch=per_epoch, world_size=progress["world_size"],
                          final_loss=losses[-1][1] if losses else None, best_loss=progress["best_loss"],
@@ -428,7 +433,7 @@ def _finish(config: TrainConfig, result, tokenizer, mode: str, inputs: dict, sta
     return out
 
 
-def _loss_png(losses: list[list[float]], stage: str) -> bytes:
+def _loss_png(losses: list[list[float]], stage: str, objective: str = "mse") -> bytes:
     import io
 
     import matplotlib
@@ -440,7 +445,7 @@ def _loss_png(losses: list[list[float]], stage: str) -> bytes:
     if losses:
         ax.plot([s for s, _ in losses], [v for _, v in losses])
     ax.set_xlabel("step")
-    ax.set_ylabel("MSE loss")
+    ax.set_ylabel("MSE loss" if objective == "mse" else "1 - cosine")
     ax.set_title(f"BERTRAM {stage} stage")
     ax.grid(alpha=0.3)
     buf = io.BytesIO()

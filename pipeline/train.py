@@ -294,6 +294,18 @@ def trainable_parameters(model: Bertram, stage: str, finetune_encoder: bool = Fa
     return names
 
 
+LOSSES = ("mse", "cosine")
+
+
+def objective(predicted: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """The training loss of (B, D) predictions: MSE (the paper), or 1 - cosine, which ignores the
+    vectors' scale. Under MSE a gate that mixes two noisy vectors is rewarded for shrinking them
+    towards the mean rather than for the right direction (BENCHMARKS.md, "Quality")."""
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(predicted, target, dim=-1)).mean()
+    return F.mse_loss(predicted, target)
+
+
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
     """`clip_grad_norm_` that also takes sparse gradients (the form stage's n-gram table on CPU)."""
     if not any(p.grad is not None and p.grad.is_sparse for p in params):
@@ -348,6 +360,7 @@ class LoopSettings:
     bf16: bool
     fault_at_step: int | None = None
     context_features: str = "mask"  # how a fresh context model reads a context (model.CONTEXT_FEATURES)
+    loss: str = "mse"  # mse (the paper) | cosine (1 - cosine to the target)
 
 
 def build_model(s: LoopSettings) -> tuple[Bertram, object]:
@@ -503,7 +516,7 @@ def train_loop(config: dict) -> None:
         update = (step + 1) % s.grad_accumulation == 0
         with autocast:
             predicted = ddp(**batch)  # (B, D)
-        loss = F.mse_loss(predicted.float(), target)
+        loss = objective(predicted.float(), target, s.loss)
         if world > 1 and not update:
             with ddp.no_sync():
                 (loss / s.grad_accumulation).backward()

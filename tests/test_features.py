@@ -178,3 +178,12 @@ def test_no_excluded_word_reaches_any_batch_of_any_stage(ray_local, tiny_bert, t
         assert not words & excluded_words, (name, words & excluded_words)
         assert set(WORDS) - excluded_words <= words, name  # ... and every other target word is trained on
     assert {"quat", "orange", "sweet"} <= seen["form"] and "kum" not in seen["form"]  # vocabulary words, not excluded
+
+
+def test_cosine_objective_ignores_scale():
+    from pipeline.train import objective
+
+    target = torch.randn(4, 8)
+    assert float(objective(3 * target, target, "cosine")) == pytest.approx(0.0, abs=1e-6)
+    assert float(objective(3 * target, target, "mse")) > 1.0
+    assert float(objective(-target, target, "cosine")) == pytest.approx(2.0)

@@ -75,7 +75,7 @@ def _assert_complete_run(root: Path) -> None:
     context = json.loads((root / "context" / "manifest.json").read_text())
     assert context["features"] == str(root / "features")  # ... and the context part from cached features
     fused = json.loads((root / "fused" / "manifest.json").read_text())
-    assert fused["mode"] == "gated" and fused["features"] == str(root / "features")
+    assert fused["mode"] == "gated" and fused["features"] == str(root / "features") and fused["loss"] == "cosine"
     report = json.loads((root / "evaluation" / "report.json").read_text())
     assert report["reconstruction"]["words"]["evaluated"] == len(heldout)
 
