@@ -45,7 +45,7 @@ STAGE_DEFAULTS = {  # epochs, lr, smin, smax, batch_size: the reference's settin
 # On cached features a step costs no encoder pass, and only small layers learn: many more
 # epochs at a higher learning rate (measured on the demo: BENCHMARKS.md, "Context features").
 FEATURE_DEFAULTS = {
-    "context": dict(epochs=40, lr=3e-3, smin=1, smax=16, batch_size=512),
+    "context": dict(epochs=10, lr=3e-3, smin=1, smax=16, batch_size=512),
     "fused": dict(epochs=20, lr=1e-2, smin=1, smax=16, batch_size=512),
 }
 
@@ -55,7 +55,7 @@ class TrainOptions:
     """Settings of a training stage (the part of its config a pipeline preset holds per stage)."""
 
     epochs: int | None = None
-    """Passes over the training words; default 20 (form), 5 (context), 3 (fused); on --features 40 (context), 20 (fused)."""
+    """Passes over the training words; default 20 (form), 5 (context), 3 (fused); on --features 10 (context), 20 (fused)."""
     lr: float | None = None
     """Peak learning rate; default 0.01 (form: Adam, sparse lazy Adam on CPU), 5e-5 (context and fused: AdamW); on --features 3e-3 (context), 1e-2 (fused)."""
     smin: int | None = None
@@ -210,6 +210,10 @@ def _check_inputs(config: TrainConfig) -> tuple[dict, dict, str]:
             raise ConfigError(f"--features: a {mode!r} model feeds the form vector through the encoder, so its "
                               "context features change in training; use mode shallow or gated, or drop --features")
         made = manifest.read(config.features)
+        if made["config"]["max_seq_length"] != config.max_seq_length:
+            log(f"train {config.stage}: warning: --features were computed from contexts of "
+                f"{made['config']['max_seq_length']} tokens, --max_seq_length is {config.max_seq_length}; "
+                "infer with the features' length")
         if made["model"] != config.model:
             raise ConfigError(f"--features {storage.redact(config.features)} was computed with --model "
                               f"{made['model']}, not {config.model}; compute features for this model")
