@@ -249,7 +249,7 @@ class Bertram(nn.Module):
         modes, the form slot after [CLS]); mask_positions (N,): where the mask token is;
         context_word (N,): which of the B words each context belongs to (context modes).
         features (N, H'): instead of input_ids, the contexts' cached `encode_contexts`
-        output (modes whose encoder reads the context alone: context, shallow).
+        output (modes whose encoder reads the context alone: context, shallow, gated).
         """
         mode = self.config.mode
         form = self.form(ngram_ids) if uses_form(mode) else None  # (B, D)
