@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline import evaluate as ev  # noqa: E402
 from pipeline import infer, storage  # noqa: E402
 from pipeline.batching import encode  # noqa: E402
-from pipeline.model import FormModel, NgramVocab  # noqa: E402
+from quality_probe import train_form  # noqa: E402  (the same form recipe as the other probe)
 from pipeline.targets import resolve_model  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "features_probe.md")
@@ -90,25 +91,6 @@ def score(pred, ids, embedding):
     true = sims[torch.arange(len(ids)), ids]
     ranks = (sims > true[:, None]).sum(1) + 1
     return float(true.mean()), float((1.0 / ranks.float()).mean()), float(ranks.float().median())
-
-
-def train_form(words, embedding, vocab, epochs=10, seed=0):
-    torch.manual_seed(seed)
-    ngrams = NgramVocab.build(words, min_count=4)
-    model = FormModel(len(ngrams), embedding.shape[1], 0.1)
-    model.embedding.sparse = True
-    optimizer = torch.optim.SparseAdam(list(model.parameters()), lr=0.01)
-    ids, targets = ngrams.encode(words), embedding[[vocab[w] for w in words]]
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(words))
-        for i in range(0, len(words), 64):
-            batch = order[i:i + 64]
-            loss = F.mse_loss(model(ids[batch]), targets[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval(), ngrams
 
 
 def main() -> None:

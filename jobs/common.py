@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from pipeline.config import parse
+from pipeline import manifest, storage
+from pipeline.config import ConfigError, parse
 from pipeline.storage import UserError
 
 T = TypeVar("T")
@@ -48,6 +49,22 @@ def connect_ray(num_cpus: int | None = None) -> None:
 def _warm_up() -> None:
     import pipeline.contexts  # noqa: F401
     import pipeline.vocab  # noqa: F401
+
+
+def complete_input(flag: str, uri: str, job: str) -> dict:
+    """The manifest of a stage output a job reads, or one line naming the flag and the job to run first."""
+    if not manifest.is_complete(uri):
+        raise ConfigError(f"{flag} {storage.redact(uri)} holds no complete {job} output (manifest.json "
+                          f"missing); run {job} first")
+    return manifest.read(uri)
+
+
+def read_word_set(uri: str, flag: str) -> set[str]:
+    """The words of a words file (one per line), or one line saying it holds none."""
+    words = {w.strip() for w in storage.read_text(uri).splitlines() if w.strip()}
+    if not words:
+        raise ConfigError(f"{flag} {storage.redact(uri)} holds no words; give one word per line")
+    return words
 
 
 def log(message: str) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.common import connect_ray, log, main
+from jobs.common import complete_input, connect_ray, log, main, read_word_set
 from pipeline import features, manifest, storage, targets
 from pipeline.config import ConfigError, to_dict
 from pipeline.model import CONTEXT_FEATURES
@@ -86,16 +86,12 @@ class FeaturesConfig(FeaturesOptions):
 def compute(config: FeaturesConfig) -> dict:
     """Run the stage; returns its manifest."""
     output = config.output
-    for flag, uri, job in (("--preprocessed", config.preprocessed, "jobs.preprocess"),
-                           ("--targets", config.targets, "jobs.targets")):
-        if not manifest.is_complete(uri):
-            raise ConfigError(f"{flag} {storage.redact(uri)} holds no complete {job} output (manifest.json "
-                              f"missing); run {job} first")
-    pre, tgt = manifest.read(config.preprocessed), manifest.read(config.targets)
+    pre = complete_input("--preprocessed", config.preprocessed, "jobs.preprocess")
+    tgt = complete_input("--targets", config.targets, "jobs.targets")
     inputs = {"preprocessed_at": pre["finished_at"], "targets_at": tgt["finished_at"]}
     excluded: set[str] = set()
     if config.exclude_words:
-        excluded = {w.strip() for w in storage.read_text(config.exclude_words).splitlines() if w.strip()}
+        excluded = read_word_set(config.exclude_words, "--exclude_words")
         inputs["exclude_words"] = sorted(excluded)
     if manifest.reusable(output, "features", to_dict(config), config.overwrite, inputs):
         log(f"features: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")

