@@ -147,7 +147,8 @@ def run(config: RunConfig) -> dict:
         lambda m: f"{m['lines']['used']} lines, {m['tokens']} tokens, {m['target_words']} target words")
     results["targets"] = stages.run("targets", out["targets"], lambda: compute_targets(TargetsConfig(
         **vars(config.targets), preprocessed=out["preprocessed"], model=config.model, output=out["targets"],
-        **common)), lambda m: f"{m['embedding_targets']} embeddings, {m['ota_targets']} OTA")
+        **common)), lambda m: f"{m['embedding_targets']} embeddings, {m['ota_targets']} OTA, "
+        f"{m.get('mean_targets', 0)} mean of pieces, {m.get('skipped_multi_token', 0)} multi-token skipped")
 
     heldout = _write_heldout(config, out["targets"], out["heldout.txt"])
     fusion = _write_fusion_words(config, out, heldout)
@@ -260,6 +261,11 @@ def _summary(config: RunConfig, stages: _Stages, out: dict[str, str], results: d
     log("pipeline summary:")
     for name, seconds, output, what in stages.rows:
         log(f"  {name:<12} {seconds:8.1f}s  {output}  {what}")
+    check = results.get("targets", {}).get("ota_check")
+    if check and check.get("words"):
+        log(f"OTA self-check ({check['words']} single-token words approximated from their pieces, "
+            f"{storage.redact(storage.join(out['targets'], 'ota_check.parquet'))}): cosine to the true embedding "
+            f"{check['start_cosine']:.3f} (mean of the pieces) -> {check['cosine']:.3f} (OTA); {check['verdict']}")
     report = storage.join(out["evaluation"], "report.md")
     if "evaluate" in results and storage.exists(report):
         log(f"evaluation ({storage.redact(report)}):")

@@ -13,15 +13,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.common import connect_ray, log, main
 from pipeline import manifest, storage, targets, vocab
 from pipeline.config import ConfigError, to_dict
-from pipeline.ota import OtaSettings
+from pipeline.ota import SCHEDULES, OtaSettings
 
-OUTPUT_NAMES = ("targets.parquet", "targets.txt")
+OUTPUT_NAMES = ("targets.parquet", "targets.txt", "ota_check.parquet")
+MULTI_TOKEN = ("ota", "mean", "skip")
 
 
 @dataclass(kw_only=True)
@@ -31,9 +33,21 @@ class TargetsOptions:
     min_count: int | None = None
     """Words with at least this count get a target; default: the preprocess min_count_target."""
     ota_steps: int | None = None
-    """OTA optimisation steps per word; default 4000 for BERT, 8000 for RoBERTa."""
-    ota_lr: float = 1e-3
-    """Adam learning rate of OTA."""
+    """OTA optimisation steps per word; default 2000 for BERT, 4000 for RoBERTa (the paper: 4000 and 8000)."""
+    ota_lr: float = 1e-2
+    """Peak Adam learning rate of OTA (the paper: 1e-3, constant)."""
+    ota_schedule: str = "cosine"
+    """Learning rate over the OTA steps: cosine (decays to 0) | constant (the paper)."""
+    ota_templates: int = 1
+    """Random templates per word in each OTA target pass (the paper: 1)."""
+    ota_reuse: int = 1
+    """OTA updates on one draw of templates (their target hidden states are computed once; the paper: 1)."""
+    multi_token: str = "ota"
+    """Targets of words the tokenizer splits: ota (One-Token-Approximation, the paper) | mean (the mean of
+    their pieces' embeddings) | skip (no target: such words are not trained on)."""
+    self_check: int = 64
+    """Single-token target words approximated by OTA as if their token were unknown, to measure how close OTA
+    gets (ota_check.parquet, manifest ota_check); 0 turns it off."""
     ota_batch_words: int = 64
     """Words optimised together in one OTA batch."""
     num_actors: int | None = None
@@ -41,7 +55,8 @@ class TargetsOptions:
     use_gpu: bool = False
     """Give each OTA actor a GPU."""
     bf16: bool = True
-    """On a GPU, run the language model under bf16 autocast in OTA (ignored on CPU)."""
+    """Run the language model under bf16 autocast in OTA on a GPU, or on a CPU with bf16 units (AMX / AVX-512
+    bf16; elsewhere ignored). The vectors stay float32."""
     write_text: bool = False
     """Also write targets.txt in the `<word> <v1> ... <vn>` text format."""
     seed: int = 1234
@@ -52,6 +67,15 @@ class TargetsOptions:
             raise ConfigError(f"--ota_batch_words must be >= 1, got {self.ota_batch_words}")
         if self.ota_steps is not None and self.ota_steps < 0:
             raise ConfigError(f"--ota_steps must be >= 0, got {self.ota_steps}")
+        if self.ota_schedule not in SCHEDULES:
+            raise ConfigError(f"--ota_schedule must be one of {', '.join(SCHEDULES)}, got {self.ota_schedule!r}")
+        if self.multi_token not in MULTI_TOKEN:
+            raise ConfigError(f"--multi_token must be one of {', '.join(MULTI_TOKEN)}, got {self.multi_token!r}")
+        for flag in ("ota_templates", "ota_reuse"):
+            if getattr(self, flag) < 1:
+                raise ConfigError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
+        if self.self_check < 0:
+            raise ConfigError(f"--self_check must be >= 0 (0 turns it off), got {self.self_check}")
 
 
 @dataclass(kw_only=True)
@@ -98,31 +122,44 @@ def compute_targets(config: TargetsConfig) -> dict:
     table = table.filter(pc.greater_equal(table["count"], min_count))
     words = [w for w in table["word"].to_pylist() if w != "."]
     single, single_ids, multi, multi_pieces = targets.split_by_pieces(words, tokenizer)
+    unknown = targets.unknown_words(words, tokenizer)
+    if unknown:
+        log(f"targets: {len(unknown)} words the tokenizer only knows as {tokenizer.unk_token} get no target "
+            f"(manifest unknown_words), e.g. {', '.join(map(repr, unknown[:5]))}")
     embedding = AutoModel.from_pretrained(model_path).get_input_embeddings().weight.detach().numpy()
     parts = [targets.vectors_table(single, embedding[single_ids], "embedding", None)]
     log(f"targets: {len(words)} words with count >= {min_count}: {len(single)} single tokens, "
-        f"{len(multi)} for OTA")
+        f"{len(multi)} split into pieces")
 
     steps = config.ota_steps if config.ota_steps is not None else targets.default_ota_steps(model_type)
+    settings = OtaSettings(steps=steps, lr=config.ota_lr, schedule=config.ota_schedule, templates=config.ota_templates,
+                           reuse=config.ota_reuse, seed=config.seed, bf16=config.bf16)
     t0 = time.time()
-    if multi:
-        connect_ray(config.num_cpus)
-        import ray
-
-        resources = ray.cluster_resources()
-        actors = config.num_actors or max(1, int(resources.get("GPU" if config.use_gpu else "CPU", 1)))
-        settings = OtaSettings(steps=steps, lr=config.ota_lr, seed=config.seed, bf16=config.bf16)
-        # --- Ray: an actor pool, each actor holding the frozen LM.
-        blocks = -(-len(multi) // config.ota_batch_words)  # one block per OTA batch: actors share the work
-        ds = ray.data.from_items([{"word": w} for w in multi], override_num_blocks=blocks)
-        ota = ds.map_batches(targets.OtaActor, batch_size=config.ota_batch_words, batch_format="pyarrow",
-                             compute=ray.data.ActorPoolStrategy(size=min(actors, blocks)),
-                             num_gpus=1 if config.use_gpu else 0,
-                             fn_constructor_kwargs={"model": model_path, "settings": settings})
-        parts += list(ota.iter_batches(batch_size=None, batch_format="pyarrow"))
-        # ---
+    if multi and config.multi_token == "ota":
+        parts.append(_ota(config, model_path, settings, [{"word": w} for w in multi]))
+    elif multi and config.multi_token == "mean":
+        parts.append(targets.vectors_table(multi, np.stack([embedding[p].mean(0) for p in multi_pieces]), "mean", None))
     ota_s = time.time() - t0
     result = pa.concat_tables(parts).cast(targets.TARGETS_SCHEMA).sort_by("word")
+    check = None
+    if config.self_check:
+        t0 = time.time()
+        check_words, check_pieces = targets.self_check_words(single, tokenizer, config.self_check, config.seed)
+        if check_words:
+            approximated = _ota(config, model_path, settings,
+                                [{"word": w, "pieces": p} for w, p in zip(check_words, check_pieces)])
+            order = {w: i for i, w in enumerate(approximated["word"].to_pylist())}
+            vectors = np.asarray(approximated["vector"].to_pylist(), dtype=np.float32)
+            vectors = vectors[[order[w] for w in check_words]]
+            table = targets.self_check_table(check_words, check_pieces, vectors, embedding, tokenizer)
+            storage.write_parquet(storage.join(output, "ota_check.parquet"), table)
+            check = targets.self_check_summary(table, time.time() - t0)
+            log(f"targets: OTA self-check on {check['words']} single-token words approximated from their pieces: "
+                f"cosine to the true embedding {check['start_cosine']:.3f} (mean of the pieces) -> "
+                f"{check['cosine']:.3f} (OTA), median rank {check['start_median_rank']} -> {check['median_rank']}; "
+                f"{check['verdict']}")
+        else:
+            check = {"words": 0}
     storage.write_parquet(storage.join(output, "targets.parquet"), result)
     if config.write_text:
         lines = (f"{w} " + " ".join(f"{x:.6g}" for x in v) for w, v in
@@ -132,12 +169,36 @@ def compute_targets(config: TargetsConfig) -> dict:
     out = manifest.write(output, "targets", to_dict(config), started, inputs=inputs,
                          model=config.model, model_type=model_type,
                          min_count=min_count, words=result.num_rows, embedding_targets=len(single),
-                         ota_targets=len(multi), ota_steps=steps,
+                         multi_token=config.multi_token, unknown_words=len(unknown),
+                         ota_targets=len(multi) if config.multi_token == "ota" else 0,
+                         mean_targets=len(multi) if config.multi_token == "mean" else 0,
+                         skipped_multi_token=len(multi) if config.multi_token == "skip" else 0,
+                         ota_steps=steps, ota_check=check,
                          ota_loss_mean=pc.mean(losses).as_py() if len(losses) else None,
-                         timings={"ota_s": round(ota_s, 3)})
-    log(f"targets: {result.num_rows} targets ({len(single)} embedding, {len(multi)} OTA x {steps} steps "
-        f"in {ota_s:.1f}s) -> {storage.redact(output)}")
+                         timings={"ota_s": round(ota_s, 3), "ota_s_per_word": round(ota_s / len(multi), 4)
+                                  if multi and config.multi_token == "ota" else None})
+    made = {"ota": f"{len(multi)} OTA x {steps} steps in {ota_s:.1f}s", "mean": f"{len(multi)} mean of pieces",
+            "skip": f"{len(multi)} multi-token words skipped"}[config.multi_token]
+    log(f"targets: {result.num_rows} targets ({len(single)} embedding, {made}) -> {storage.redact(output)}")
     return out
+
+
+def _ota(config: TargetsConfig, model_path: str, settings: OtaSettings, rows: list[dict]) -> pa.Table:
+    """OTA of `rows` (word, optionally pieces) on an actor pool; one block per OTA batch so actors share the work."""
+    connect_ray(config.num_cpus)
+    import ray
+
+    resources = ray.cluster_resources()
+    actors = config.num_actors or max(1, int(resources.get("GPU" if config.use_gpu else "CPU", 1)))
+    # --- Ray: an actor pool, each actor holding the frozen LM.
+    blocks = -(-len(rows) // config.ota_batch_words)
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ota = ds.map_batches(targets.OtaActor, batch_size=config.ota_batch_words, batch_format="pyarrow",
+                         compute=ray.data.ActorPoolStrategy(size=min(actors, blocks)),
+                         num_gpus=1 if config.use_gpu else 0,
+                         fn_constructor_kwargs={"model": model_path, "settings": settings})
+    return pa.concat_tables(list(ota.iter_batches(batch_size=None, batch_format="pyarrow")))
+    # ---
 
 
 if __name__ == "__main__":
