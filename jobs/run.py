@@ -262,7 +262,9 @@ def _summary(config: RunConfig, stages: _Stages, out: dict[str, str], results: d
     for name, seconds, output, what in stages.rows:
         log(f"  {name:<12} {seconds:8.1f}s  {output}  {what}")
     check = results.get("targets", {}).get("ota_check")
-    if check and check.get("words"):
+    if check and not check.get("words"):
+        log("OTA self-check: no single-token target word could be split into pieces without its own token")
+    elif check:
         log(f"OTA self-check ({check['words']} single-token words approximated from their pieces, "
             f"{storage.redact(storage.join(out['targets'], 'ota_check.parquet'))}): cosine to the true embedding "
             f"{check['start_cosine']:.3f} (mean of the pieces) -> {check['cosine']:.3f} (OTA); {check['verdict']}")

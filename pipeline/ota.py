@@ -36,8 +36,6 @@ class OtaSettings:
     schedule: str = "constant"  # learning rate over the steps: constant | cosine (decays to 0)
     templates: int = 1  # templates drawn per word for each target pass
     reuse: int = 1  # updates on one draw of templates (its target hidden states are computed once)
-    beta2: float = 0.999  # Adam's second-moment decay
-    average: float = 0.0  # return the mean of the iterates over this last fraction of the updates (0: the last)
     prefix_tokens: int = 1  # random tokens before the word
     suffix_tokens: int = 1  # random tokens after it (then ".")
     seed: int = 1234
@@ -174,9 +172,7 @@ def approximate(lm, tokenizer, pieces: list[list[int]], settings: OtaSettings,
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
     templates = _Templates(tokenizer, pieces, settings, device)
     vector = torch.nn.Parameter((templates.mean_of_pieces(embedding) if init is None else init).detach().clone().float())
-    optimizer = torch.optim.Adam([vector], lr=settings.lr, betas=(0.9, settings.beta2))
-    average_from = settings.steps - int(settings.average * settings.steps) if settings.average else settings.steps
-    total, averaged = torch.zeros_like(vector), 0
+    optimizer = torch.optim.Adam([vector], lr=settings.lr)
     if settings.schedule == "cosine" and settings.steps:
         n = settings.steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, n) / n)))
@@ -199,13 +195,9 @@ def approximate(lm, tokenizer, pieces: list[list[int]], settings: OtaSettings,
                 scheduler.step()
             recent = (recent + [per_word.detach()])[-50:]
             update += 1
-            if update > average_from:
-                total += vector.detach()
-                averaged += 1
         if monitor:
-            monitor(update, total / averaged if averaged else vector.detach())
-    result = total / averaged if averaged else vector.detach()
-    return result, torch.stack(recent).mean(0) if recent else torch.zeros(len(pieces), device=device)
+            monitor(update, vector.detach())
+    return vector.detach(), torch.stack(recent).mean(0) if recent else torch.zeros(len(pieces), device=device)
     return result, torch.stack(recent).mean(0) if recent else torch.zeros(len(pieces), device=device)
 
 

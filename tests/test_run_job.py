@@ -91,6 +91,7 @@ def test_the_pipeline_runs_every_stage_and_a_rerun_skips_them(ray_local, tiny_be
     summary = capfd.readouterr().err
     assert "pipeline summary:" in summary and f"nearest to {RARE[0]!r}" in summary
     assert "| bertram |" in summary  # the evaluation table
+    assert "OTA self-check" in summary and "ota_check" in json.loads((root / "targets" / "manifest.json").read_text())
 
     # The augmented model: plain transformers, <BERTRAM:kumquat> is one token carrying the vector.
     from transformers import AutoModel, AutoTokenizer
