@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {variant} | {what} | {form['cosine']:.3f} | {form['mrr']:.3f} | " + " | ".join(cells) + " |")
     baseline = next(r for (m, _), r in rows_of(next(iter(evaluations.values()))).items() if m.startswith("mean"))
     lines += ["", f"Baseline (mean of word pieces): cosine {baseline['cosine']:.3f}, MRR {baseline['mrr']:.3f}.", ""]
-    text = "\n".join(lines)
+    text = "\n".join(lines) + "\n"
     print(text)
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(text)
