@@ -20,7 +20,7 @@ gathered per word, so there is no Python loop over words or piece counts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -49,8 +49,9 @@ class OtaSettings:
 
     @classmethod
     def paper(cls, **overrides) -> "OtaSettings":
-        """The paper's schedule: Adam at lr 1e-3, one fresh template per word and step, 4,000 steps."""
-        return replace(cls(steps=4000, lr=1e-3, schedule="constant", templates=1, reuse=1), **overrides)
+        """The paper's schedule (the dataclass defaults): Adam at lr 1e-3, one fresh template per word and
+        step, 4,000 steps."""
+        return cls(**overrides)
 
 
 def template_vocabulary(tokenizer) -> torch.Tensor:

@@ -91,7 +91,7 @@ def vocabulary_targets(model: str, exclude: set[str] = frozenset()) -> pa.Table:
 
 def split_by_pieces(words: list[str], tokenizer) -> tuple[list[str], list[int], list[str], list[list[int]]]:
     """(single-token words, their ids, multi-piece words, their pieces). Words the tokenizer maps to its
-    unknown token (in whole or in part) are in neither list (`unknown_words` names them)."""
+    unknown token (in whole or in part) are in neither list."""
     single, single_ids, multi, multi_pieces = [], [], [], []
     unk = tokenizer.unk_token_id
     for word, pieces in zip(words, piece_ids(tokenizer, words)):
@@ -104,12 +104,6 @@ def split_by_pieces(words: list[str], tokenizer) -> tuple[list[str], list[int], 
             multi.append(word)
             multi_pieces.append(pieces)
     return single, single_ids, multi, multi_pieces
-
-
-def unknown_words(words: list[str], tokenizer) -> list[str]:
-    """The words the tokenizer maps (in whole or in part) to its unknown token: no target can stand for them."""
-    unk = tokenizer.unk_token_id
-    return [w for w, p in zip(words, piece_ids(tokenizer, words)) if unk is not None and unk in p]
 
 
 def pieces_without_own_token(tokenizer, words: list[str]) -> list[list[int] | None]:
