@@ -25,6 +25,8 @@ if [[ $# -eq 0 ]]; then sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//
 MOTO=$!
 export AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing \
     AWS_REGION=us-east-1
+# Where the bucket will be copied: jobs.run's summary names local paths a user can load.
+if [[ -n "$COPY_TO" ]]; then export BERTRAM_LOCAL_COPY="s3://$BUCKET=$COPY_TO"; fi
 
 finish() {
     status=$?
@@ -33,10 +35,7 @@ finish() {
 import sys
 from pipeline import storage
 src, dst = sys.argv[1], sys.argv[2]
-files = storage.list_files(src)
-for f in files:
-    storage.write_bytes(storage.join(dst, f.uri[len(src):].lstrip("/")), storage.read_bytes(f.uri))
-print(f"local-s3: copied {len(files)} objects of {src} to {dst}", file=sys.stderr)
+print(f"local-s3: copied {storage.copy_tree(src, dst)} objects of {src} to {dst}", file=sys.stderr)
 PYEOF
     fi
     kill "$MOTO" 2>/dev/null || true

@@ -144,7 +144,8 @@ def augment(config: AugmentConfig) -> dict:
         tokenizer.save_pretrained(tmp)
         storage.write_dir(tmp, output)
     cls = "AutoModelForMaskedLM" if head == "masked_lm" else "AutoModel"
-    where = storage.redact(output) if storage.is_local(output) else "<a local copy of " + storage.redact(output) + ">"
+    where = storage.redact(output) if storage.is_local(output) else (
+        storage.local_copy(output) or "<a local copy of " + storage.redact(output) + ">")
     usage = (f'AutoTokenizer.from_pretrained("{where}"), {cls}.from_pretrained("{where}"); input text: '
              f'"... {words[0]} / {tokens[0]} ..." (pipeline.infer.rewrite)')
     out = manifest.write(output, "augment", to_dict(config), started, inputs=inputs, model_path=path, head=head,

@@ -13,6 +13,10 @@ from pipeline.config import ConfigError, parse
 from pipeline.storage import UserError
 
 T = TypeVar("T")
+# Set for the driver and (inherited, or propagated by Ray Train) its workers unless the user set them:
+# Ray Train's print patch tees every print of a worker twice into the driver's output; the weight-loading
+# bars of transformers are one more line per model load in every worker.
+QUIET_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def connect_ray(num_cpus: int | None = None) -> None:
@@ -21,6 +25,8 @@ def connect_ray(num_cpus: int | None = None) -> None:
     `num_cpus` only applies to a local Ray (a cluster has its own resources). Progress
     bars are switched off under CI, where they would flood the log.
     """
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     import ray
 
     if not ray.is_initialized():
@@ -71,12 +77,41 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _pop_verbose(argv: list[str]) -> tuple[list[str], bool]:
+    """argv without `--verbose [true|false]` / `--verbose=...`, and its value."""
+    words = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+    rest, verbose, i = [], False, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--verbose":
+            verbose = True
+            if i + 1 < len(argv) and argv[i + 1].lower() in words:
+                verbose = words[argv[i + 1].lower()]
+                i += 1
+        elif arg.startswith("--verbose="):
+            verbose = words.get(arg.partition("=")[2].lower(), True)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, verbose
+
+
 def main(config_cls: type[T], run: Callable[[T], object], doc: str, prog: str,
-         argv: list[str] | None = None) -> None:
-    """Parse the config, run the job, and map user errors to one line + exit status 2."""
+         argv: list[str] | None = None, log_under_output: bool = False) -> None:
+    """Parse the config, run the job in a console session (jobs/console.py), and map user errors to one
+    line + exit status 2. `log_under_output`: the full log goes to `<output>/logs/` (jobs.run)."""
+    from jobs import console
+
+    argv, verbose = _pop_verbose(list(sys.argv[1:] if argv is None else argv))
     try:
         config = parse(config_cls, argv, prog=prog, description=doc)
-        run(config)
+        with console.session(prog.split(".")[-1], getattr(config, "output", None) if log_under_output else None,
+                             verbose):
+            try:
+                run(config)
+            except UserError as exc:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

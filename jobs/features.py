@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.common import complete_input, connect_ray, log, main, read_word_set
+from jobs.console import progress
 from pipeline import features, manifest, storage, targets
 from pipeline.config import ConfigError, to_dict
 from pipeline.model import CONTEXT_FEATURES
@@ -147,7 +148,8 @@ def compute(config: FeaturesConfig) -> dict:
                                                 "max_seq_length": config.max_seq_length,
                                                 "batch_contexts": config.batch_contexts,
                                                 "use_gpu": config.use_gpu, "bf16": config.bf16})
-    result = pa.concat_tables(list(out.iter_batches(batch_size=None, batch_format="pyarrow")))
+    done = out.iter_batches(batch_size=None, batch_format="pyarrow")
+    result = pa.concat_tables(list(progress(done, len(rows), "words", "features", count=lambda t: t.num_rows)))
     # ---
     encode_s = time.time() - t0
     kept = int(pc.sum(pc.list_value_length(result["features"])).as_py() or 0)

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.common import connect_ray, log, main
+from jobs.console import progress
 from jobs.preprocess import PreprocessConfig, preprocess, unmatchable_words
 from jobs.preprocess import read_words as read_corpus_words
 from pipeline import infer as bertram_infer
@@ -257,7 +258,8 @@ def infer_on_ray(config: InferConfig, words: list[str], contexts: dict[str, list
                                                     "batch_contexts": config.batch_contexts,
                                                     "max_contexts_per_chunk": config.max_contexts_per_chunk,
                                                     "max_seq_length": config.max_seq_length})
-    table = pa.concat_tables(list(vectors.iter_batches(batch_size=None, batch_format="pyarrow")))
+    done = vectors.iter_batches(batch_size=None, batch_format="pyarrow")
+    table = pa.concat_tables(list(progress(done, len(words), "words", "infer", count=lambda t: t.num_rows)))
     # ---
     return in_order(table, words), actors
 

@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 
 from jobs.augment import AugmentConfig, augment
 from jobs.common import log, main
+from jobs.console import say
 from jobs.evaluate import EvaluateConfig, EvaluateOptions, evaluate
 from jobs.features import FeaturesConfig, FeaturesOptions
 from jobs.features import compute as compute_features
@@ -258,9 +259,12 @@ def _write_rare_words(config: RunConfig, preprocessed: str, uri: str) -> str:
 
 
 def _summary(config: RunConfig, stages: _Stages, out: dict[str, str], results: dict[str, dict]) -> None:
+    """Time per stage, the OTA self-check, the evaluation table, the plots, a few rare words' neighbours, and
+    how to load the augmented model: what a user acts on, last."""
     log("pipeline summary:")
     for name, seconds, output, what in stages.rows:
         log(f"  {name:<12} {seconds:8.1f}s  {output}  {what}")
+    log(f"  {'total':<12} {sum(r[1] for r in stages.rows):8.1f}s")
     check = results.get("targets", {}).get("ota_check")
     if check and not check.get("words"):
         log("OTA self-check: no single-token target word could be split into pieces without its own token")
@@ -274,9 +278,44 @@ def _summary(config: RunConfig, stages: _Stages, out: dict[str, str], results: d
         for line in storage.read_text(report).splitlines():
             if line.startswith("|"):
                 log(f"  {line}")
-    for word, neighbours in nearest_neighbours(out["vectors"], config.model, config.summary_words).items():
-        log(f"  nearest to {word!r}: {', '.join(neighbours)}")
-    log(f"vectors: {storage.redact(out['vectors'])}; the language model with them: {results['augment']['usage']}")
+    plots = [storage.join(out[s], "loss.png") for s in ("form", "context", "fused")]
+    if "evaluate" in results:
+        plots += [f.uri for f in storage.list_files(out["evaluation"]) if f.uri.endswith(".png")]
+    log("plots: " + ", ".join(_where(p) for p in plots))
+    neighbours = nearest_neighbours(out["vectors"], config.model, config.summary_words)
+    if neighbours:
+        log("nearest vocabulary tokens of a few inferred rare words:")
+    for word, tokens in neighbours.items():
+        log(f"  {word}: {', '.join(tokens)}")
+    log(f"vectors: {_where(storage.join(out['vectors'], 'vectors.parquet'))} and vectors.txt beside it")
+    snippet = load_snippet(out["augmented"], results["augment"])
+    log(snippet[0])
+    for line in snippet[1:]:
+        say(line)
+
+
+def _where(uri: str) -> str:
+    """A path a user can open: the local copy of a remote output when there will be one (cluster/local-s3.sh)."""
+    local = storage.local_copy(uri)
+    return local if local else storage.redact(uri)
+
+
+def load_snippet(augmented: str, manifest: dict) -> list[str]:
+    """Copy-paste Python that loads the augmented model from a real local path (for a remote output without
+    a local copy: the line that copies it first)."""
+    cls = "AutoModelForMaskedLM" if manifest.get("head") == "masked_lm" else "AutoModel"
+    local = augmented if storage.is_local(augmented) else storage.local_copy(augmented)
+    lines = ["the language model with the new vectors (plain transformers):",
+             f"    from transformers import {cls}, AutoTokenizer"]
+    if local is None:
+        local = "augmented"
+        lines.append(f'    from pipeline import storage; storage.copy_tree("{storage.redact(augmented)}", "{local}")')
+    lines.append(f'    tokenizer, model = AutoTokenizer.from_pretrained("{local}"), {cls}.from_pretrained("{local}")')
+    tokens = manifest.get("tokens") or []
+    if tokens:
+        word = tokens[0][len("<BERTRAM:"):-1] if tokens[0].startswith("<BERTRAM:") else tokens[0]
+        lines.append(f'    outputs = model(**tokenizer("a {word} / {tokens[0]} is ...", return_tensors="pt"))')
+    return lines
 
 
 def nearest_neighbours(vectors_uri: str, model: str, n_words: int, k: int = 5) -> dict[str, list[str]]:
@@ -304,4 +343,4 @@ def nearest_neighbours(vectors_uri: str, model: str, n_words: int, k: int = 5) -
 
 
 if __name__ == "__main__":
-    main(RunConfig, run, __doc__, prog="python -m jobs.run")
+    main(RunConfig, run, __doc__, prog="python -m jobs.run", log_under_output=True)

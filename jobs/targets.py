@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.common import connect_ray, log, main
+from jobs.console import progress
 from pipeline import manifest, storage, targets, vocab
 from pipeline.config import ConfigError, to_dict
 from pipeline.ota import SCHEDULES, OtaSettings
@@ -156,7 +157,8 @@ def compute_targets(config: TargetsConfig) -> dict:
             check_words, check_pieces = [], []
         if check_words:
             approximated = _ota(config, model_path, settings,
-                                [{"word": w, "pieces": p} for w, p in zip(check_words, check_pieces)])
+                                [{"word": w, "pieces": p} for w, p in zip(check_words, check_pieces)],
+                                desc="targets: OTA self-check")
             order = {w: i for i, w in enumerate(approximated["word"].to_pylist())}
             vectors = np.asarray(approximated["vector"].to_pylist(), dtype=np.float32)
             vectors = vectors[[order[w] for w in check_words]]
@@ -192,7 +194,8 @@ def compute_targets(config: TargetsConfig) -> dict:
     return out
 
 
-def _ota(config: TargetsConfig, model_path: str, settings: OtaSettings, rows: list[dict]) -> pa.Table:
+def _ota(config: TargetsConfig, model_path: str, settings: OtaSettings, rows: list[dict],
+         desc: str = "targets: OTA") -> pa.Table:
     """OTA of `rows` (word, optionally pieces) on an actor pool; one block per OTA batch so actors share the work."""
     connect_ray(config.num_cpus)
     import ray
@@ -206,7 +209,8 @@ def _ota(config: TargetsConfig, model_path: str, settings: OtaSettings, rows: li
                          compute=ray.data.ActorPoolStrategy(size=min(actors, blocks)),
                          num_gpus=1 if config.use_gpu else 0,
                          fn_constructor_kwargs={"model": model_path, "settings": settings})
-    return pa.concat_tables(list(ota.iter_batches(batch_size=None, batch_format="pyarrow")))
+    done = ota.iter_batches(batch_size=None, batch_format="pyarrow")
+    return pa.concat_tables(list(progress(done, len(rows), "words", desc, count=lambda t: t.num_rows)))
     # ---
 
 

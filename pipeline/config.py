@@ -176,7 +176,9 @@ def _construct(cls: type[T], tree: dict) -> T:
 def help_text(cls: type, prog: str, description: str) -> str:
     """`--help`: every field with its type, default and docstring."""
     lines = [f"usage: {prog} [--config FILE.yaml] [--key value | --key=value ...]", "", description.strip(), "",
-             "options:", "  --config FILE.yaml    a YAML preset; flags override it", "  --help                this text"]
+             "options:", "  --config FILE.yaml    a YAML preset; flags override it", "  --help                this text",
+             "  --verbose             every line of Ray and the libraries on the console too (the full log",
+             "                        is always kept in a file; its path is the run's last line)"]
     docs_by_cls: dict[type, dict[str, str]] = {}
 
     def walk(klass: type, prefix: str) -> None:

@@ -165,9 +165,18 @@ def _register_zstd() -> None:
     """Decompress `.zst` with `zstandard` (smart_open's own handler needs Python 3.14's zstd)."""
     global _zstd_registered
     if not _zstd_registered:
+        import logging
+
         import smart_open
 
-        smart_open.register_compressor(".zst", _open_zstd)
+        # Replacing its handler is the point: not worth smart_open's "overriding" warning in every worker.
+        logger = logging.getLogger("smart_open.compression")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            smart_open.register_compressor(".zst", _open_zstd)
+        finally:
+            logger.setLevel(level)
         _zstd_registered = True
 
 
@@ -297,6 +306,25 @@ def _uri_of(uri: str, fs_path: str) -> str:
     if is_local(uri):
         return fs_path
     return f"{scheme(uri)}://{fs_path}"
+
+
+def copy_tree(src: str, dst: str) -> int:
+    """Copy every file under `src` to the same relative path under `dst` (any two URIs); returns how many."""
+    files = list_files(src)
+    prefix = join(absolute(src), "")
+    for f in files:
+        write_bytes(join(dst, f.uri[len(prefix):] if f.uri.startswith(prefix) else os.path.basename(f.uri)),
+                    read_bytes(f.uri))
+    return len(files)
+
+
+def local_copy(uri: str) -> str | None:
+    """Where a local copy of the remote `uri` will be, when BERTRAM_LOCAL_COPY (`s3://bucket=dir`, set by
+    cluster/local-s3.sh, which copies its in-memory bucket there when it stops) covers it; else None."""
+    remote, _, local = os.environ.get("BERTRAM_LOCAL_COPY", "").partition("=")
+    if not remote or not local or is_local(uri) or not uri.startswith(remote.rstrip("/") + "/"):
+        return None
+    return os.path.join(local, uri[len(remote.rstrip("/")) + 1:])
 
 
 def list_files(uri: str) -> list[FileInfo]:

@@ -44,6 +44,7 @@ from pipeline.model import GATED_MODES, Bertram, NgramVocab, uses_form
 STAGES = ("form", "context", "fused")
 MAX_REPEATS = 5
 PROGRESS_NAME, STATE_NAME = "progress.json", "training_state.pt"
+PRINT_EVERY_S = 10.0  # seconds between the loop's progress lines
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,7 @@ class Collate(NumpyBatchCollateFn):
         words = list(batch["words"][0])
         target = np.stack(list(batch["vectors"][0])).astype(np.float32)  # (B, D)
         if "features" in batch:  # cached encoder features: no tokenising, no encoder
-            sizes = torch.as_tensor(np.asarray(batch["sizes"][0], dtype=np.int64))
+            sizes = torch.as_tensor(np.array(batch["sizes"][0], dtype=np.int64))  # (a copy: Arrow's is read-only)
             tensors = {"features": torch.from_numpy(np.asarray(batch["features"][0], dtype=np.float32)),
                        "context_word": torch.repeat_interleave(torch.arange(len(words)), sizes)}
             if uses_form(self.mode):
@@ -452,13 +453,13 @@ def train_loop(config: dict) -> None:
     marker = config.get("fault_marker")
     fault = s.fault_at_step if s.fault_at_step is not None and marker and not storage.exists(marker) else None
     window = torch.zeros(3, dtype=torch.float64)  # loss x words, words, contexts since the last report
-    window_t0 = time.time()
+    window_t0 = last_line = time.time()
     step, epoch = progress["step"], progress["epoch"]
     just_resumed = checkpoint is not None
     _reseed(s, rank, step)
 
     def report(epoch_end: bool, with_checkpoint: bool) -> None:
-        nonlocal window, window_t0
+        nonlocal window, window_t0, last_line
         if world > 1:
             torch.distributed.all_reduce(window)
         loss_sum, words, contexts = window.tolist()
@@ -471,10 +472,12 @@ def train_loop(config: dict) -> None:
             progress["best_loss"] = loss if progress["best_loss"] is None else min(progress["best_loss"], loss)
         total = s.total_steps
         seconds = max(progress["train_seconds"], 1e-9)
-        metrics = {"step": step, "epoch": epoch + 1, "loss": loss if words else float("nan"), "epoch_end": epoch_end,
+        metrics = {"step": step, "epoch": epoch + 1, "loss": loss, "epoch_end": epoch_end,
                    "examples_per_s": progress["examples"] / seconds, "contexts_per_s": progress["contexts"] / seconds,
                    "eta_s": seconds / max(step, 1) * max(total - step, 0), "lr": scheduler.get_last_lr()[0]}
-        if rank == 0 and words:
+        # A progress line at most every PRINT_EVERY_S (and at the end); the loss curve keeps every report.
+        if rank == 0 and words and (time.time() - last_line >= PRINT_EVERY_S or step >= total):
+            last_line = time.time()
             print(f"[train] step {step}/{total} epoch {epoch + 1}/{s.epochs} loss {loss:.5f} "
                   f"{metrics['examples_per_s']:.1f} words/s {metrics['contexts_per_s']:.1f} contexts/s "
                   f"ETA {metrics['eta_s'] / 60:.1f} min", flush=True)
