@@ -355,6 +355,7 @@ def ray_stage(args: argparse.Namespace, workdir: Path, workers: int, steps_per_r
                          epochs=args.epochs, lr=LR, smin=args.smin, smax=args.smax, batch_size=args.batch_size,
                          min_count=args.min_count, max_seq_length=args.max_seq_length, num_workers=workers,
                          cpus_per_worker=1, log_every=10**9, checkpoint_every=every, keep_checkpoints=100,
+                         checkpoint_interval_s=0,
                          max_failures=0, seed=SEED, overwrite=True)
     t0 = time.perf_counter()
     manifest = train(config)

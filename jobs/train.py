@@ -36,7 +36,8 @@ from pipeline.train import LOSSES, STAGES, LoopSettings, Sampling
 
 OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer", "loss.png", "checkpoints",
                 "train_config.json", "vocab_words.parquet")
-OPERATIONAL = ("log_every", "fault_at_step", "max_failures", "keep_checkpoints", "num_cpus", "overwrite")
+OPERATIONAL = ("log_every", "fault_at_step", "max_failures", "keep_checkpoints", "num_cpus", "overwrite",
+               "checkpoint_interval_s")
 STAGE_DEFAULTS = {  # epochs, lr, smin, smax, batch_size: the reference's settings per stage
     "form": dict(epochs=20, lr=0.01, smin=1, smax=1, batch_size=64),
     "context": dict(epochs=5, lr=5e-5, smin=4, smax=32, batch_size=256),
@@ -97,7 +98,9 @@ class TrainOptions:
     bf16: bool = True
     """On GPUs, run the forward pass under bf16 autocast."""
     checkpoint_every: int = 500
-    """Steps between checkpoints (there is also one at the end of every epoch)."""
+    """Steps between checkpoints (there is also one at the end of every epoch, and one at the end of training)."""
+    checkpoint_interval_s: float = 120.0
+    """Periodic checkpoints (epoch ends, every checkpoint_every steps) only once this many seconds have passed since the last: a kill loses at most about this much work, and short epochs do not spend their time writing checkpoints (0: every one)."""
     keep_checkpoints: int = 2
     """Checkpoints kept (the newest)."""
     log_every: int = 50
@@ -118,6 +121,8 @@ class TrainOptions:
         if self.smin is not None and self.smax is not None and self.smin > self.smax:
             raise ConfigError(f"--smin ({self.smin}) is larger than --smax ({self.smax}); "
                               "contexts per instance are drawn from smin..smax")
+        if self.checkpoint_interval_s < 0:
+            raise ConfigError(f"--checkpoint_interval_s must be >= 0, got {self.checkpoint_interval_s}")
         if self.num_workers < 0:
             raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
         if self.loss is not None and self.loss not in LOSSES:
@@ -314,6 +319,7 @@ def train(config: TrainConfig) -> dict:
                         optimize_only_combinator=config.optimize_only_combinator,
                         ngram_dropout=config.ngram_dropout, max_seq_length=config.max_seq_length,
                         checkpoint_every=config.checkpoint_every, log_every=config.log_every, seed=config.seed,
+                        checkpoint_interval_s=config.checkpoint_interval_s,
                         bf16=config.bf16, fault_at_step=config.fault_at_step,
                         context_features=manifest.read(config.features)["context_features"] if config.features
                         else "mask",

@@ -360,6 +360,7 @@ class LoopSettings:
     seed: int
     bf16: bool
     fault_at_step: int | None = None
+    checkpoint_interval_s: float = 0.0  # periodic checkpoints (epoch ends, every checkpoint_every steps) at most this often
     context_features: str = "mask"  # how a fresh context model reads a context (model.CONTEXT_FEATURES)
     loss: str = "mse"  # mse (the paper) | cosine (1 - cosine to the target)
 
@@ -452,17 +453,28 @@ def train_loop(config: dict) -> None:
     # Fault drill: the last rank exits once; the marker keeps the restarted group from failing again.
     marker = config.get("fault_marker")
     fault = s.fault_at_step if s.fault_at_step is not None and marker and not storage.exists(marker) else None
-    window = torch.zeros(3, dtype=torch.float64)  # loss x words, words, contexts since the last report
-    window_t0 = last_line = time.time()
+    window = torch.zeros(4, dtype=torch.float64)  # loss x words, words, contexts since the last report; [3]: s since the last checkpoint
+    window_t0 = last_line = last_checkpoint = time.time()
     step, epoch = progress["step"], progress["epoch"]
     just_resumed = checkpoint is not None
     _reseed(s, rank, step)
 
-    def report(epoch_end: bool, with_checkpoint: bool) -> None:
-        nonlocal window, window_t0, last_line
+    def report(epoch_end: bool, with_checkpoint: bool | None) -> None:
+        """Progress (and the loss curve) since the last report; a checkpoint when `with_checkpoint` is True,
+        or when it is None and checkpoint_interval_s have passed since the last one (rank 0's clock: every
+        rank takes the same decision)."""
+        nonlocal window, window_t0, last_line, last_checkpoint
+        window[3] = time.time() - last_checkpoint if rank == 0 else 0.0
         if world > 1:
             torch.distributed.all_reduce(window)
-        loss_sum, words, contexts = window.tolist()
+        loss_sum, words, contexts, since_checkpoint = window.tolist()
+        if with_checkpoint is not False:
+            # At every point where a checkpoint may be taken, whether or not it is: the random numbers are a
+            # function of (seed, rank, step) there, so a run resumed from any checkpoint draws the same ones,
+            # and when checkpoints happen (a matter of time) never changes the result.
+            _reseed(s, rank, step)
+        if with_checkpoint is None:
+            with_checkpoint = since_checkpoint >= s.checkpoint_interval_s
         progress["train_seconds"] += time.time() - window_t0
         progress["examples"] += int(words)
         progress["contexts"] += int(contexts)
@@ -482,7 +494,7 @@ def train_loop(config: dict) -> None:
                   f"{metrics['examples_per_s']:.1f} words/s {metrics['contexts_per_s']:.1f} contexts/s "
                   f"ETA {metrics['eta_s'] / 60:.1f} min", flush=True)
         if with_checkpoint:
-            _reseed(s, rank, step)  # a run resumed from this checkpoint continues with the same random numbers
+            last_checkpoint = time.time()
             checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in params)], dtype=torch.float64)
             sums = [torch.zeros_like(checksum) for _ in range(world)] if world > 1 else [checksum]
             if world > 1:
@@ -499,7 +511,7 @@ def train_loop(config: dict) -> None:
                 shutil.rmtree(d, ignore_errors=True)
         elif with_checkpoint:
             ray.train.report(metrics)
-        window, window_t0 = torch.zeros(3, dtype=torch.float64), time.time()
+        window, window_t0 = torch.zeros(4, dtype=torch.float64), time.time()
 
     for batch in shard.iter_torch_batches(batch_size=1, collate_fn=collate, prefetch_batches=4):
         if not batch:
@@ -507,7 +519,7 @@ def train_loop(config: dict) -> None:
         where = batch.pop("where").tolist()
         if where[0] != epoch:  # the first batch of a new epoch: the previous one ended
             if not just_resumed:  # (a checkpoint at the end of the epoch exists already)
-                report(epoch_end=True, with_checkpoint=True)
+                report(epoch_end=True, with_checkpoint=None)
             epoch = progress["epoch"] = where[0]
         just_resumed = False
         if fault is not None and step == fault and rank == world - 1:
@@ -532,9 +544,9 @@ def train_loop(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
         step += 1
         progress.update(step=step, position=where)
-        window += torch.tensor([loss.item() * len(target), len(target), n_contexts], dtype=torch.float64)
+        window += torch.tensor([loss.item() * len(target), len(target), n_contexts, 0], dtype=torch.float64)
         if step % s.checkpoint_every == 0:
-            report(epoch_end=False, with_checkpoint=True)
+            report(epoch_end=False, with_checkpoint=None)
         elif step % s.log_every == 0:
             report(epoch_end=False, with_checkpoint=False)
     report(epoch_end=True, with_checkpoint=True)

@@ -180,7 +180,8 @@ def _config(stage, pre, tgt, model, output, **kw):
     from jobs.train import TrainConfig
 
     base = dict(stage=stage, preprocessed=pre, targets=tgt, model=str(model), output=output, num_workers=1,
-                log_every=1, checkpoint_every=1000, max_seq_length=32, lr=5e-3, batch_size=32, max_failures=0)
+                log_every=1, checkpoint_every=1000, max_seq_length=32, lr=5e-3, batch_size=32, max_failures=0,
+                checkpoint_interval_s=0)  # these tests are about checkpoints: every epoch end takes one
     return TrainConfig(**{**base, **kw})
 
 
