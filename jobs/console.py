@@ -43,6 +43,7 @@ _OURS = re.compile(r"^(\[\d\d:\d\d:\d\d\] |\[train\] |error: )")
 _SECRET_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
 _SECRET_QUERY = re.compile(r"(?P<key>(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|sig|"
                            r"token|access_token|AWSAccessKeyId)=)[^&\s\"']+", re.IGNORECASE)
+_VERBATIM = "\x1e"  # marks a `say` line in the pipe
 _active: _Session | None = None
 
 
@@ -94,8 +95,10 @@ class _Session:
                 if text == self._sentinel:
                     return
                 text = scrub(text.rsplit("\r", 1)[-1] if "\r" in text.rstrip("\r") else text.rstrip("\r"))
+                verbatim = text.startswith(_VERBATIM)
+                text = text.removeprefix(_VERBATIM)
                 self.log.write(text + "\n")
-                self.show(text, raw=True)
+                self.show(text, raw=not verbatim)
 
     def show(self, text: str, raw: bool = False) -> None:
         """Write a line to the terminal (raw: an output line, filtered unless verbose)."""
@@ -141,13 +144,9 @@ class _Session:
 
 
 def say(text: str) -> None:
-    """A line exactly as given (no time stamp, never filtered): what a user copies, like a code snippet."""
-    active = _active
-    if active is None:
-        print(text, file=sys.stderr, flush=True)
-        return
-    active.log.write(text + "\n")
-    active.show(text)
+    """A line exactly as given (no time stamp, never filtered): what a user copies, like a code snippet.
+    In a session it travels the pipe like every other line, marked, so that the order stays."""
+    print((_VERBATIM if _active is not None else "") + text, file=sys.stderr, flush=True)
 
 
 def log_path(job: str, run_output: str | None = None) -> str:
@@ -248,6 +247,7 @@ def progress(items: Iterable[T], total: int, unit: str, desc: str, count=lambda 
 
 def format_progress(done: int, total: int, seconds: float, unit: str) -> str:
     """`12,480/46,720 contexts (27%), 236/s, ETA 2m25s`."""
+    total = max(total, done)  # (a stream may hold more items than planned: never "110%")
     rate = done / max(seconds, 1e-9)
     eta = (total - done) / rate if rate > 0 else float("inf")
     share = f" ({100 * done / total:.0f}%)" if total else ""

@@ -29,7 +29,7 @@ from jobs.common import log, main
 from pipeline import evaluate as ev
 from pipeline import infer, manifest, storage, targets, wnlampro
 from pipeline.config import ConfigError, to_dict
-from pipeline.model import uses_form
+from pipeline.model import autocast, uses_form
 
 OUTPUT_NAMES = ("report.json", "report.md", "*.png")
 MAIN = "bertram"  # the name of the --bertram model in the report
@@ -56,6 +56,8 @@ class EvaluateOptions:
     """WNLaMPro patterns per forward pass of the masked LM."""
     max_seq_length: int = 128
     """Tokens per context when inferring vectors (as in training: longer contexts are cut around the word)."""
+    bf16: bool = True
+    """Infer the held-out vectors under bf16 autocast on a GPU or a CPU with bf16 units, as jobs.infer does."""
 
     def __post_init__(self) -> None:
         if not self.counts or any(n < 1 for n in self.counts):
@@ -155,7 +157,8 @@ def evaluate(config: EvaluateConfig) -> dict:
     plots: dict[str, bytes] = {}
     if heldout is not None:
         embedding = AutoModel.from_pretrained(model_path).get_input_embeddings().weight.detach().float().cpu()
-        report["reconstruction"], plots = _reconstruction(config, heldout, loaded, tokenizer, embedding)
+        with autocast(device, config.bf16):
+            report["reconstruction"], plots = _reconstruction(config, heldout, loaded, tokenizer, embedding)
     if entries is not None:
         report["wnlampro"] = _wnlampro(config, entries, loaded[MAIN], lm, tokenizer, device)
 

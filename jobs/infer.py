@@ -31,7 +31,7 @@ from jobs.preprocess import read_words as read_corpus_words
 from pipeline import infer as bertram_infer
 from pipeline import manifest, storage
 from pipeline.config import ConfigError, to_dict
-from pipeline.model import CONFIG_NAME, NGRAMS_NAME, WEIGHTS_NAME, uses_context, uses_form
+from pipeline.model import CONFIG_NAME, NGRAMS_NAME, WEIGHTS_NAME, autocast, uses_context, uses_form
 
 OUTPUT_NAMES = ("vectors.parquet", "vectors.txt")
 PREPROCESSED = "preprocessed"  # the sub-output where --corpus contexts are gathered
@@ -61,6 +61,8 @@ class InferOptions:
     """CPUs (intra-op threads) of each actor."""
     use_gpu: bool = False
     """Give each actor a GPU and infer there."""
+    bf16: bool = True
+    """Run the model under bf16 autocast on a GPU or a CPU with bf16 units (AMX / AVX-512 BF16); vectors are float32."""
     write_text: bool = True
     """Also write vectors.txt in the `<word> <v1> ... <vn>` text format."""
 
@@ -167,7 +169,7 @@ def vectors_table(words: list[str], vectors: np.ndarray, n_contexts: list[int]) 
 class InferActor:
     """Ray Data actor: loads the BERTRAM model and its tokenizer once, infers a batch of words per call."""
 
-    def __init__(self, bertram: str, use_gpu: bool, **settings: int):
+    def __init__(self, bertram: str, use_gpu: bool, bf16: bool = True, **settings: int):
         import ray
         import torch
 
@@ -176,10 +178,12 @@ class InferActor:
         torch.set_num_threads(max(1, int(cpus)))
         self.model, self.tokenizer = bertram_infer.load(bertram, "cuda" if use_gpu else "cpu")
         self.settings = settings  # batch_contexts, max_contexts_per_chunk, max_seq_length
+        self.autocast = autocast("cuda" if use_gpu else "cpu", bf16)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         words, contexts = batch["word"].to_pylist(), batch["contexts"].to_pylist()
-        vectors = bertram_infer.infer_vectors(self.model, self.tokenizer, zip(words, contexts), **self.settings)
+        with self.autocast:
+            vectors = bertram_infer.infer_vectors(self.model, self.tokenizer, zip(words, contexts), **self.settings)
         return vectors_table(words, np.stack([vectors[w].numpy() for w in words]),  # (W, D)
                              [len(cs) for cs in contexts])
 
@@ -254,7 +258,7 @@ def infer_on_ray(config: InferConfig, words: list[str], contexts: dict[str, list
                              compute=ray.data.ActorPoolStrategy(size=actors),
                              num_cpus=per_actor, num_gpus=1 if config.use_gpu else 0,
                              fn_constructor_kwargs={"bertram": storage.absolute(config.bertram),
-                                                    "use_gpu": config.use_gpu,
+                                                    "use_gpu": config.use_gpu, "bf16": config.bf16,
                                                     "batch_contexts": config.batch_contexts,
                                                     "max_contexts_per_chunk": config.max_contexts_per_chunk,
                                                     "max_seq_length": config.max_seq_length})

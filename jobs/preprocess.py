@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.common import connect_ray, log, main
+from jobs.console import progress
 from pipeline import contexts, corpus, manifest, storage, vocab
 from pipeline.config import ConfigError, to_dict
 
@@ -132,7 +133,7 @@ def preprocess(config: PreprocessConfig) -> dict:
     log(f"preprocess: {len(files)} files, {total / 1e6:.1f} MB, {len(splits)} splits, {cpus} CPUs")
 
     t0 = time.time()
-    counts, lines, tokens = vocab.count_vocab(splits, config.lowercase, config.max_line_bytes)
+    counts, lines, tokens = vocab.count_vocab(splits, config.lowercase, config.max_line_bytes, progress)
     count_s = time.time() - t0
     vocab_files = vocab.write_vocab(counts, output, [0, config.min_count_target])
     log(f"preprocess: {lines.read} lines ({lines.used} used), {tokens} tokens, {counts.num_rows} words "
@@ -156,7 +157,7 @@ def preprocess(config: PreprocessConfig) -> dict:
     buckets = contexts.build_buckets(
         splits, targets, output, num_buckets=config.num_buckets, cap=config.max_contexts_per_word,
         lowercase=config.lowercase, max_line_bytes=config.max_line_bytes, window=config.context_window,
-        seed=config.seed)
+        seed=config.seed, progress=progress)
     sample_s = time.time() - t0
     n_contexts = sum(b["contexts"] for b in buckets)
     without = sum(b["words_without_contexts"] for b in buckets)

@@ -248,21 +248,29 @@ def write_buckets_batch(batch: pa.Table, targets_ref, work: str, output: str, ca
 
 
 def build_buckets(splits: list[Split], targets: pa.Table, output: str, *, num_buckets: int, cap: int,
-                  lowercase: bool, max_line_bytes: int, window: int, seed: int) -> list[dict]:
-    """The distributed sampling pass; writes `contexts/bucket-XXXXX.parquet`, returns per-bucket counts."""
+                  lowercase: bool, max_line_bytes: int, window: int, seed: int, progress=None) -> list[dict]:
+    """The distributed sampling pass; writes `contexts/bucket-XXXXX.parquet`, returns per-bucket counts.
+
+    `progress(items, total, unit, desc)` wraps each pass's stream of finished tasks (a job's progress bar)."""
+    progress = progress or (lambda items, total, unit, desc: items)
     import ray
 
     work = storage.join(output, "_work")
     # --- Ray: the target table goes to the object store once; tasks fetch it by reference.
     targets_ref = ray.put(targets)
     ds = ray.data.from_items([s.__dict__ for s in splits], override_num_blocks=len(splits))
-    ds.map_batches(sample_splits_batch, batch_size=1, batch_format="pyarrow",
-                   fn_kwargs=dict(targets_ref=targets_ref, work=work, lowercase=lowercase,
-                                  max_line_bytes=max_line_bytes, window=window, seed=seed)).materialize()
+    sampled = ds.map_batches(sample_splits_batch, batch_size=1, batch_format="pyarrow",
+                             fn_kwargs=dict(targets_ref=targets_ref, work=work, lowercase=lowercase,
+                                            max_line_bytes=max_line_bytes, window=window, seed=seed))
+    for _ in progress(sampled.iter_batches(batch_size=None, batch_format="pyarrow"), len(splits), "splits",
+                      "preprocess: sampling contexts"):
+        pass
     buckets = ray.data.from_items([{"bucket": b} for b in range(num_buckets)], override_num_blocks=num_buckets)
     summary = buckets.map_batches(write_buckets_batch, batch_size=1, batch_format="pyarrow",
                                   fn_kwargs=dict(targets_ref=targets_ref, work=work, output=output, cap=cap))
-    rows = sorted(summary.take_all(), key=lambda r: r["bucket"])
+    rows = [row for block in progress(summary.iter_batches(batch_size=None, batch_format="pyarrow"), num_buckets,
+                                      "buckets", "preprocess: writing buckets") for row in block.to_pylist()]
+    rows.sort(key=lambda r: r["bucket"])
     # ---
     storage.delete(work)
     return rows

@@ -131,7 +131,8 @@ def cosine_and_rank(predicted: dict[str, torch.Tensor], true_ids: dict[str, int]
     pred = torch.stack([predicted[w].float() for w in words])  # (W, D)
     ids = torch.tensor([true_ids[w] for w in words])
     table = F.normalize(embedding.float(), dim=-1)  # (V, D)
-    sims = F.normalize(pred, dim=-1) @ table.T  # (W, V)
+    with torch.autocast(pred.device.type, enabled=False):  # ranks in float32, also inside a bf16 region
+        sims = F.normalize(pred, dim=-1) @ table.T  # (W, V)
     true_sim = sims[torch.arange(len(words)), ids]  # (W,)
     ranks = (sims > true_sim[:, None]).sum(1) + 1  # (W,)
     return {"n": len(words), "cosine": float(true_sim.mean()), "mrr": float((1.0 / ranks.float()).mean()),
@@ -145,7 +146,8 @@ def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
     if len(vectors) < 2:
         return float("nan")
     unit = F.normalize(vectors.float(), dim=-1)
-    sims = unit @ unit.T  # (W, W)
+    with torch.autocast(unit.device.type, enabled=False):
+        sims = unit @ unit.T  # (W, W)
     n = len(vectors)
     return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
 

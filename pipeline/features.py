@@ -5,7 +5,7 @@ during training. So instead of running the encoder in every step of every epoch,
 batch-inference pass computes each context's feature vector (`Bertram.encode_contexts`:
 the [MASK] state, optionally with more layers or the pooled context, per
 `model.CONTEXT_FEATURES`) for a fixed, seeded subset of each training word's contexts, and
-the context and shallow stages train attentive mimicking, the output layer and the gate on
+the context stage and a shallow or gated fused stage train attentive mimicking, the output layer and the gate on
 those vectors for as many epochs as they need.
 
 A features output holds one parquet file per context bucket, `bucket-XXXXX.parquet`, with
@@ -26,6 +26,7 @@ import torch
 
 from pipeline.batching import encode
 from pipeline.infer import usable_contexts
+from pipeline.model import autocast
 
 FEATURES_SCHEMA = pa.schema([("word", pa.string()), ("count", pa.int64()),
                              ("features", pa.list_(pa.list_(pa.float32())))])
@@ -109,7 +110,7 @@ class FeatureActor:
         self.model = Bertram.create("context", model, context_features=context_features).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.max_seq_length, self.batch_contexts = max_seq_length, batch_contexts
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_gpu and bf16)
+        self.autocast = autocast(self.device, bf16)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         words, counts = batch["word"].to_pylist(), batch["count"].to_pylist()

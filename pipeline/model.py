@@ -41,6 +41,22 @@ PAD, UNK = 0, 1  # n-gram ids
 CONFIG_NAME, WEIGHTS_NAME, NGRAMS_NAME = "config.json", "model.safetensors", "ngram_vocab.json"
 
 
+def bf16_available(device) -> bool:
+    """bf16 autocast pays off: a CUDA GPU, or a CPU with AMX / AVX-512 bf16 units."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+def autocast(device, enabled: bool = True):
+    """bf16 autocast for a forward pass of a frozen model where it pays off (`bf16_available`), else a
+    no-op. On this project's 2-core CPU (AMX) the MiniLM encoder runs 2.1x faster, its states at
+    cosine 0.99997 to float32 (benchmarks/bf16.py)."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and bf16_available(device))
+
+
 def uses_form(mode: str) -> bool:
     return mode != "context"
 

@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from pipeline.model import bf16_available  # noqa: F401  (OtaSettings.bf16 uses it; benchmarks import it here)
+
 SCHEDULES = ("constant", "cosine")
 
 
@@ -119,14 +121,6 @@ class _Templates:
                 "rows": rows, "right_real": right_real, "start": start, "tail": tail, "n": n}
 
 
-def bf16_available(device) -> bool:
-    """bf16 autocast pays off: a CUDA GPU, or a CPU with AMX / AVX-512 bf16 units."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-
-
 def _autocast(bf16: bool, device_type: str = "cpu"):
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -199,7 +193,6 @@ def approximate(lm, tokenizer, pieces: list[list[int]], settings: OtaSettings,
         if monitor:
             monitor(update, vector.detach())
     return vector.detach(), torch.stack(recent).mean(0) if recent else torch.zeros(len(pieces), device=device)
-    return result, torch.stack(recent).mean(0) if recent else torch.zeros(len(pieces), device=device)
 
 
 def objective(lm, tokenizer, pieces: list[list[int]], vectors: torch.Tensor, templates: int = 16,

@@ -3,7 +3,8 @@
 An epoch, as in the reference: every target word with `count >= min_count` appears
 `max(1, min(count // min_count, 5))` times; each appearance (an *instance*) draws
 `smin..smax` of the word's contexts; the loss is the MSE between the inferred vector
-and the word's target vector. Everything random is a pure function of the seed:
+and the word's target vector (the paper), or 1 - their cosine (`objective`; the default of
+a gated/shallow fused stage). Everything random is a pure function of the seed:
 
     words of one context bucket, epoch e ─► instances (contexts drawn by (seed, e, word))
         ─► shuffled by (seed, e, bucket) ─► packed into k batches of ~`batch_size` contexts

@@ -66,7 +66,12 @@ def split_stats(counts: pa.Table) -> tuple[pa.Table, LineStats, int]:
     return vocab.select(["word", "count"]).cast(VOCAB_SCHEMA), stats, get("tokens")
 
 
-def count_vocab(splits: list[Split], lowercase: bool, max_line_bytes: int) -> tuple[pa.Table, LineStats, int]:
+def _no_progress(items, total, unit, desc):
+    return items
+
+
+def count_vocab(splits: list[Split], lowercase: bool, max_line_bytes: int,
+                progress=_no_progress) -> tuple[pa.Table, LineStats, int]:
     """The distributed counting pass. Returns (vocab, line stats, number of tokens).
 
     Partial counts stream back to the driver and are merged there in Arrow every few
@@ -80,7 +85,9 @@ def count_vocab(splits: list[Split], lowercase: bool, max_line_bytes: int) -> tu
     partial = ds.map_batches(count_splits_batch, batch_size=1, batch_format="pyarrow",
                              fn_kwargs={"lowercase": lowercase, "max_line_bytes": max_line_bytes})
     total, pending = VOCAB_SCHEMA.empty_table(), []
-    for block in partial.iter_batches(batch_size=None, batch_format="pyarrow"):
+    # (`progress(items, total, unit, desc)` wraps the stream, one item per split: the job's progress bar)
+    for block in progress(partial.iter_batches(batch_size=None, batch_format="pyarrow"), len(splits), "splits",
+                          "preprocess: counting"):
         # ---
         pending.append(block)
         if sum(t.num_rows for t in pending) > 4 * max(total.num_rows, 1_000_000):

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
-    """One local Ray for all stage tests. 4 logical CPUs on 2 cores (see RAY_NOTES.md).
+    """One local Ray for all stage tests. 4 logical CPUs on 2 cores: actor pools and a training worker
+    with its data tasks fit at once (with 2, a worker and the data tasks feeding it can starve each other).
 
     Started after the S3 endpoint so that its workers inherit AWS_ENDPOINT_URL and the
     test credentials, as workers on a cluster get them from the runtime_env.

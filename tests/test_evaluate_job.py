@@ -89,7 +89,7 @@ def setup(tmp_path_factory) -> dict[str, str]:
 def _config(setup, output, **overrides) -> EvaluateConfig:
     values = dict(bertram=setup["add"], compare=[f"form={setup['form']}", f"context={setup['context']}"],
                   model=setup["lm"], output=str(output), heldout=setup["heldout"], contexts=setup["contexts"],
-                  counts=COUNTS, plot_words=3)
+                  counts=COUNTS, plot_words=3, bf16=False)  # float32: the library's own numbers
     return EvaluateConfig(**{**values, **overrides})
 
 

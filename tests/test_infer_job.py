@@ -56,7 +56,8 @@ def models(tmp_path_factory, tiny_bert) -> dict[str, str]:
 
 
 def _config(bertram: str, output, **kw) -> InferConfig:
-    return InferConfig(bertram=bertram, output=str(output), num_actors=2, **SETTINGS, **kw)
+    # float32, to compare with the Python API's numbers (bf16 autocast: ~1e-4 off)
+    return InferConfig(bertram=bertram, output=str(output), num_actors=2, bf16=False, **SETTINGS, **kw)
 
 
 def _expected(bertram: str, words_with_contexts) -> dict[str, torch.Tensor]:

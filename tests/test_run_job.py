@@ -175,7 +175,8 @@ def _free_port() -> int:
 @pytest.fixture
 def ray_head():
     """`ray start --head --block` in its own process group (stopping it never touches other Rays on
-    this machine, unlike `ray stop`); token auth explicitly off for head and client (RAY_NOTES.md)."""
+    this machine, unlike `ray stop`); token auth explicitly off for head and client (Ray 2.60 turns it on
+    by default, and `ray job submit` without the token is refused)."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     for key in ("RAY_ADDRESS", "AWS_ENDPOINT_URL"):
