@@ -297,3 +297,22 @@ def test_gradient_clipping_handles_sparse_and_dense_gradients_alike():
         clip_gradients(list(emb.parameters()), 1.0)
     assert torch.allclose(sparse.weight.grad.to_dense(), dense.weight.grad, atol=1e-6)
     assert dense.weight.grad.norm() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_checkpoint_interval_sets_how_often_not_what_is_learned(ray_local, inputs, tiny_bert, tmp_path):
+    """Periodic checkpoints wait for checkpoint_interval_s; the result (n-gram dropout draws included) is the
+    same whether a candidate point took a checkpoint or not."""
+    from jobs.train import train
+
+    pre, tgt = inputs
+    kw = dict(epochs=3, batch_size=4, checkpoint_every=3, keep_checkpoints=100, log_every=1)
+    runs = {}
+    for interval in (0, 3600):
+        out = tmp_path / f"every-{interval}"
+        runs[interval] = train(_config("form", pre, tgt, tiny_bert, str(out), checkpoint_interval_s=interval, **kw))
+        runs[interval]["checkpoints"] = len([d for d in (out / "checkpoints" / "bertram-form").glob("checkpoint_*")
+                                             if d.is_dir()])
+    assert runs[0]["checkpoints"] >= 3 and runs[3600]["checkpoints"] == 1  # only the final one
+    assert runs[0]["steps"] == runs[3600]["steps"]
+    assert [s for s, _ in runs[0]["losses"]] == [s for s, _ in runs[3600]["losses"]]
+    assert all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(runs[0]["losses"], runs[3600]["losses"]))
