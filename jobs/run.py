@@ -25,8 +25,10 @@ Stages, each into its own directory under --output:
 
 Re-running the same command after a crash or a kill continues with the first incomplete
 stage (a training stage from its latest checkpoint). At the end a summary lists every
-output, the time per stage, the evaluation table and the nearest vocabulary neighbours of
-a few inferred rare words.
+output and the time per stage, the evaluation table, the paths of the plots, the nearest
+vocabulary neighbours of a few inferred rare words and a snippet that loads the augmented
+model; the console shows the pipeline's own lines, the full log is <output>/logs/ (or
+.cache/logs/ for a remote output, copied to <output>/logs/ at the end; jobs/console.py).
 """
 
 from __future__ import annotations
