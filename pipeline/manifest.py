@@ -66,7 +66,7 @@ def reset(output: str, stage: str, owned: tuple[str, ...]) -> None:
     """
     if storage.exists(output):
         prefix = storage.join(storage.absolute(output), "")  # list_files gives local paths absolute
-        for f in storage.list_files(output):
+        for f in storage.list_files(output, hidden=True):  # a user's .env or _draft counts too
             top = f.uri[len(prefix):].lstrip("/").split("/", 1)[0] if f.uri.startswith(prefix) else f.uri
             if not any(fnmatch.fnmatchcase(top, pattern) for pattern in owned + (MANIFEST,)):
                 raise storage.UserError(f"--output {storage.redact(output)} holds files that are not a {stage} "

@@ -327,11 +327,12 @@ def local_copy(uri: str) -> str | None:
     return os.path.join(local, uri[len(remote.rstrip("/")) + 1:])
 
 
-def list_files(uri: str) -> list[FileInfo]:
+def list_files(uri: str, hidden: bool = False) -> list[FileInfo]:
     """Files named by `uri`: one file, everything under a directory/prefix, or a glob.
 
-    Hidden files and `_`-prefixed markers (`_SUCCESS`) are ignored. Sorted by URI, so
-    the order (and every index derived from it) is stable across runs.
+    Hidden files and `_`-prefixed markers (`_SUCCESS`) are ignored unless `hidden` (what
+    may be deleted must be seen whole: `manifest.reset`). Sorted by URI, so the order (and
+    every index derived from it) is stable across runs.
     """
     if scheme(uri) in ("http", "https"):
         return [FileInfo(uri, -1)]
@@ -349,7 +350,7 @@ def list_files(uri: str) -> list[FileInfo]:
         raise _explain(uri, exc) from exc
     files = []
     for item in infos:
-        if item.type != pafs.FileType.File or item.base_name.startswith((".", "_")):
+        if item.type != pafs.FileType.File or (not hidden and item.base_name.startswith((".", "_"))):
             continue
         full = _uri_of(uri, item.path)
         if glob and not fnmatch.fnmatchcase(full if not is_local(uri) else item.path,

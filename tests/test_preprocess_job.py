@@ -124,6 +124,14 @@ def test_a_users_directory_is_never_deleted(small_corpus, tmp_path):
     with pytest.raises(UserError, match="holds files that are not a preprocess output"):
         preprocess(_config(corpus, home))
     assert (home / "thesis.tex").read_text() == "years of work"
+    # ... also when all it holds is hidden or `_`-named (once listed as "empty", and deleted whole)
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / ".env").write_text("SECRET=1")
+    (secrets / "_thesis.txt").write_text("draft")
+    with pytest.raises(UserError, match="holds files that are not a preprocess output"):
+        preprocess(_config(corpus, secrets))
+    assert (secrets / ".env").read_text() == "SECRET=1" and (secrets / "_thesis.txt").read_text() == "draft"
 
 
 def test_words_mode_collects_contexts_for_any_count(ray_local, small_corpus, tmp_path):
