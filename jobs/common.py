@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from pipeline import manifest, storage
-from pipeline.config import ConfigError, parse
+from pipeline.config import BOOL_WORDS, ConfigError, parse
 from pipeline.storage import UserError
 
 T = TypeVar("T")
@@ -79,7 +79,7 @@ def log(message: str) -> None:
 
 def _pop_verbose(argv: list[str]) -> tuple[list[str], bool]:
     """argv without `--verbose [true|false]` / `--verbose=...`, and its value."""
-    words = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+    words = BOOL_WORDS
     rest, verbose, i = [], False, 0
     while i < len(argv):
         arg = argv[i]
@@ -105,13 +105,16 @@ def main(config_cls: type[T], run: Callable[[T], object], doc: str, prog: str,
     argv, verbose = _pop_verbose(list(sys.argv[1:] if argv is None else argv))
     try:
         config = parse(config_cls, argv, prog=prog, description=doc)
-        with console.session(prog.split(".")[-1], getattr(config, "output", None) if log_under_output else None,
-                             verbose):
-            try:
-                run(config)
-            except UserError as exc:
-                print(f"error: {exc}", file=sys.stderr, flush=True)
-                raise SystemExit(2) from None
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        _user_error(exc)
+    with console.session(prog.split(".")[-1], getattr(config, "output", None) if log_under_output else None,
+                         verbose):
+        try:
+            run(config)
+        except UserError as exc:
+            _user_error(exc)  # inside the session: the line is in the log too
+
+
+def _user_error(exc: UserError) -> None:
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None

@@ -18,8 +18,8 @@ TTY, else a line every PROGRESS_EVERY_S seconds with the rate and the ETA (`prog
 
 The log file: `<output>/logs/<job>-<UTC time>.log` for a jobs.run with a local --output;
 otherwise `$BERTRAM_LOG_DIR` (default `.cache/logs/`) — and a jobs.run with a remote
---output uploads it to `<output>/logs/` when it ends. Its first and last console lines say
-where it is.
+--output uploads it to `<output>/logs/` when it ends. The run's last console line says where
+it is (not after a one-line user error).
 """
 
 from __future__ import annotations
@@ -56,9 +56,8 @@ def for_console(line: str) -> str | None:
     """What the terminal shows of one output line (ANSI codes stripped), or None to keep it in the log only."""
     line = _ANSI.sub("", line).rstrip()
     worker = _WORKER_PREFIX.match(line)
-    if worker:  # a line a Ray worker printed: ours only, without Ray's prefix
+    if worker:  # a line a Ray worker printed: without Ray's prefix
         line = worker.group("line")
-        return line if _OURS.match(line) else None
     return line if _OURS.match(line) else None
 
 

@@ -31,6 +31,9 @@ from pipeline.storage import UserError
 T = TypeVar("T")
 
 
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
 class ConfigError(UserError):
     """A config value or flag that is wrong; the message names the field and the fix."""
 
@@ -80,10 +83,8 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
             if isinstance(value, bool):
                 return value
             text = str(value).strip().lower()
-            if text in ("true", "1", "yes", "on"):
-                return True
-            if text in ("false", "0", "no", "off"):
-                return False
+            if text in BOOL_WORDS:
+                return BOOL_WORDS[text]
             raise ValueError(value)
         if base is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -271,7 +272,7 @@ def parse(cls: type[T], argv: list[str] | None = None, prog: str = "", descripti
                 if not is_bool and key != "config":
                     raise ConfigError(f"--{key}: a value is required")
                 value = "true"
-            elif is_bool and nxt.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            elif is_bool and nxt.lower() not in BOOL_WORDS:
                 value = "true"  # `--overwrite` followed by a positional-looking value is still a flag
             else:
                 value = nxt
