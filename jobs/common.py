@@ -50,6 +50,9 @@ def connect_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("CI"):
         ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # A UserError raised in a data task (a corrupt corpus file) reaches the driver as itself, so that
+    # `main` prints its one line; Ray's UserCodeException wrapper would drop it.
+    ctx.raise_original_map_exception = True
 
 
 def _warm_up() -> None:
@@ -111,10 +114,30 @@ def main(config_cls: type[T], run: Callable[[T], object], doc: str, prog: str,
                          verbose):
         try:
             run(config)
-        except UserError as exc:
-            _user_error(exc)  # inside the session: the line is in the log too
+        except Exception as exc:  # noqa: BLE001 - a user's error raised inside a Ray task arrives wrapped
+            cause = user_error_in(exc)
+            if cause is None:
+                raise
+            _user_error(cause)  # inside the session: the line is in the log too
+
+
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError that caused `exc`, unwrapped from Ray's task errors (whose text holds the remote
+    traceback), or None for an unexpected failure."""
+    import ray.exceptions
+
+    found, seen = None, set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, UserError) and not isinstance(exc, ray.exceptions.RayError):
+            found = exc  # the innermost one wins
+        exc = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) \
+            else (exc.__cause__ or exc.__context__)
+    return found
 
 
 def _user_error(exc: UserError) -> None:
-    print(f"error: {exc}", file=sys.stderr, flush=True)
+    from pipeline.storage import scrub
+
+    print(f"error: {scrub(str(exc))}", file=sys.stderr, flush=True)
     raise SystemExit(2) from None

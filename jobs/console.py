@@ -40,16 +40,15 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _WORKER_PREFIX = re.compile(r"^\((?P<who>.+?) pid=\d+(?:, ip=[\d.]+)?\)\s?(?P<line>.*?)"
                             r"(?:\s*\[repeated \d+x across cluster\])?$")
 _OURS = re.compile(r"^(\[\d\d:\d\d:\d\d\] |\[train\] |error: )")
-_SECRET_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
-_SECRET_QUERY = re.compile(r"(?P<key>(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|sig|"
-                           r"token|access_token|AWSAccessKeyId)=)[^&\s\"']+", re.IGNORECASE)
 _VERBATIM = "\x1e"  # marks a `say` line in the pipe
 _active: _Session | None = None
 
 
 def scrub(line: str) -> str:
-    """A log line without the secrets of URLs in it (user:password@, signatures in query strings)."""
-    return _SECRET_QUERY.sub(r"\g<key>REDACTED", _SECRET_URL.sub(r"\g<scheme>REDACTED@", line))
+    """A log line without secrets (`pipeline.storage.scrub`)."""
+    from pipeline import storage
+
+    return storage.scrub(line)
 
 
 def for_console(line: str) -> str | None:
@@ -83,6 +82,7 @@ class _Session:
         self._bar = None
         self._last: str | None = None
         self._in_traceback = False
+        self._held: list[str] = []  # traceback lines printed by the libraries, shown when the session ends
         self._sentinel = f"--bertram-console-end-{os.getpid()}-{time.time_ns()}--"
         self._reader = threading.Thread(target=self._read, args=(read_end,), name="bertram-console", daemon=True)
         self._reader.start()
@@ -121,20 +121,27 @@ class _Session:
         plain = _ANSI.sub("", text).rstrip()
         if plain.startswith("Traceback (most recent call last):"):
             self._in_traceback = True
-            return plain
-        if self._in_traceback:  # the driver's traceback, up to its exception line
-            if not plain.startswith((" ", "\t")) and plain:
+        if self._in_traceback:  # a traceback Ray or a library logged, up to its exception line
+            if not plain.startswith((" ", "\t", "Traceback (most recent call last):")) and plain:
                 self._in_traceback = plain.startswith(("During handling", "The above exception"))
-            return plain
+            self._held.append(plain)  # shown at the end, unless the run ends with a user's error
+            return None
         return for_console(text)
 
-    def close(self) -> None:
+    def close(self, show_held: bool = True, last_line: str | None = None) -> None:
+        """End the capture. `show_held`: the tracebacks logged during the run go to the terminal now (the
+        run failed unexpectedly, or survived a failure); not after a user's error, whose one line says it all."""
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(self._saved[0], 1)
         os.dup2(self._saved[1], 2)
         os.write(self._write_end, f"\n{self._sentinel}\n".encode())
         self._reader.join(timeout=10)
+        if show_held and self._held:
+            self.terminal.write("\n".join(self._held[-200:]) + "\n")
+        if last_line:
+            self.log.write(last_line + "\n")
+            self.terminal.write(last_line + "\n")
         os.close(self._write_end)
         for fd in self._saved:
             os.close(fd)
@@ -178,11 +185,13 @@ def session(job: str, run_output: str | None = None, verbose: bool = False) -> I
         raise
     finally:
         _shutdown_ray()
+        last = None
         if not failed_by_user:
             where = path if remote is None else f"{path} (and {storage.local_copy(remote) or storage.redact(remote)})"
-            _announce(f"full log: {where}" + ("" if verbose else " (--verbose shows all of it here)"))
+            last = f"[{time.strftime('%H:%M:%S')}] full log: {where}" + \
+                ("" if verbose else " (--verbose shows all of it here)")
         active, _active = _active, None
-        active.close()
+        active.close(show_held=not failed_by_user, last_line=last)
         if remote is not None:
             try:
                 with open(path, "rb") as f:
@@ -191,12 +200,6 @@ def session(job: str, run_output: str | None = None, verbose: bool = False) -> I
                 print(f"warning: the log stays at {path}; uploading it to {storage.redact(remote)} failed: "
                       f"{scrub(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__}",
                       file=sys.stderr, flush=True)
-
-
-def _announce(message: str) -> None:
-    from jobs.common import log
-
-    log(message)
 
 
 def _shutdown_ray() -> None:

@@ -37,7 +37,7 @@ from pipeline.train import LOSSES, STAGES, LoopSettings, Sampling
 OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer", "loss.png", "checkpoints",
                 "train_config.json", "vocab_words.parquet")
 OPERATIONAL = ("log_every", "fault_at_step", "max_failures", "keep_checkpoints", "num_cpus", "overwrite",
-               "checkpoint_interval_s")
+               "checkpoint_interval_s", "cpus_per_worker")
 STAGE_DEFAULTS = {  # epochs, lr, smin, smax, batch_size: the reference's settings per stage
     "form": dict(epochs=20, lr=0.01, smin=1, smax=1, batch_size=64),
     "context": dict(epochs=5, lr=5e-5, smin=4, smax=32, batch_size=256),
@@ -129,6 +129,17 @@ class TrainOptions:
             raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(f"--warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        # Checked here, before any worker starts: a bad value would otherwise train, diverge and retry.
+        if self.lr is not None and not 0 < self.lr < float("inf"):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ConfigError(f"--weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.max_grad_norm:
+            raise ConfigError(f"--max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not 0 <= self.ngram_dropout < 1:
+            raise ConfigError(f"--ngram_dropout must be in [0, 1), got {self.ngram_dropout}")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            raise ConfigError(f"--cpus_per_worker must be > 0, got {self.cpus_per_worker}")
 
 
 @dataclass(kw_only=True)
@@ -264,12 +275,12 @@ def train(config: TrainConfig) -> dict:
                                    pc.is_in(counts["word"], table["word"])))
     if counts.num_rows == 0 and from_vocab.num_rows == 0:
         _no_training_words(config, pre, tgt, min_count, len(excluded))
+    connect_ray(config.num_cpus)
+    config = dataclasses.replace(config, cpus_per_worker=worker_cpus(config))  # refused before any output
     _prepare_output(config, run_name, checkpoints, settings, inputs)
     sampling = Sampling(min_count=min_count, smin=config.smin, smax=config.smax, batch_size=config.batch_size,
                         uses_contexts=config.stage != "form", world_size=max(1, config.num_workers),
                         seed=config.seed, features=bool(config.features))
-
-    connect_ray(config.num_cpus)
     import ray
 
     from pipeline import train as training
@@ -341,7 +352,7 @@ def _prepare_output(config: TrainConfig, run_name: str, checkpoints: str, settin
     run_dir = storage.join(checkpoints, run_name)
     if not config.overwrite and storage.exists(recorded) and storage.exists(run_dir):
         previous = storage.read_json(recorded)
-        if previous != {"config": settings, "inputs": inputs}:
+        if previous != storage.scrub_all({"config": settings, "inputs": inputs}):
             raise ConfigError(f"{storage.redact(config.output)} holds checkpoints of run {run_name!r} made with "
                               "other settings or inputs; pass --overwrite to start again, or choose another "
                               "--output / --run_name")
@@ -351,6 +362,35 @@ def _prepare_output(config: TrainConfig, run_name: str, checkpoints: str, settin
     if config.checkpoints:
         storage.delete(run_dir)  # a fresh run under this name; Ray would otherwise resume it
     storage.write_json(recorded, {"config": settings, "inputs": inputs})
+
+
+def worker_cpus(config: TrainConfig) -> float | None:
+    """CPUs each training worker reserves: as asked, or sized so that the Ray Data tasks that feed the
+    workers keep one CPU (else both wait for each other forever: 2 workers on a 2-CPU machine).
+
+    A local Ray cannot grow: a worker size that leaves no CPU is made smaller, or refused when it was
+    asked for. A cluster may be autoscaling: there the numbers are only a warning.
+    """
+    import ray
+
+    if config.num_workers == 0:
+        return config.cpus_per_worker
+    total = float(ray.cluster_resources().get("CPU", 0))
+    asked = config.cpus_per_worker or 1.0
+    if total - config.num_workers * asked >= 1:
+        return config.cpus_per_worker
+    n = config.num_workers
+    problem = (f"{n} training worker(s) x {asked:g} CPU leave none of this Ray's {total:g} CPUs for the data "
+               "tasks that feed them")
+    if os.environ.get("RAY_ADDRESS"):
+        log(f"train {config.stage}: warning: {problem}; training waits until the cluster has more CPUs")
+        return config.cpus_per_worker
+    if config.cpus_per_worker is None and total >= 1.5:
+        per = round((total - 1) / n, 3)
+        log(f"train {config.stage}: {problem}: each worker reserves {per:g} CPU instead")
+        return per
+    raise ConfigError(f"{problem} (they need 1): use --num_workers {max(1, int(total) - 1)}, a --cpus_per_worker "
+                      f"of at most {max(total - 1, 0) / n:g}, or --num_cpus {int(n * asked) + 1}")
 
 
 def _fit(config: TrainConfig, loop: LoopSettings, sampling: Sampling, buckets: list[str], bucket_ids: list[int],

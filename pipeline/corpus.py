@@ -80,6 +80,17 @@ def make_splits(files: list[storage.FileInfo], split_bytes: int) -> list[Split]:
     return splits
 
 
+def unreadable(uri: str, exc: Exception) -> storage.UserError:
+    """The one-line error for a corpus file that fails while it is read (truncated or corrupt archive)."""
+    detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else type(exc).__name__
+    kind = next((s for s in storage.COMPRESSED_SUFFIXES if uri.lower().endswith(s)), None)
+    if kind:
+        return storage.UserError(f"--corpus file {storage.redact(uri)} cannot be decompressed ({detail}): it is "
+                                 f"truncated or not a {kind} file; re-create it, or remove it from the corpus")
+    return storage.UserError(f"--corpus file {storage.redact(uri)} failed while being read ({detail}); "
+                             "check the file and re-run")
+
+
 def read_split(split: Split, max_line_bytes: int, chunk_bytes: int = 8 << 20):
     """Yield `(raw_lines, offsets, too_long)` chunks of the lines owned by `split`.
 
@@ -98,7 +109,10 @@ def read_split(split: Split, max_line_bytes: int, chunk_bytes: int = 8 << 20):
         carry, carry_start = b"", pos  # the current unfinished line and its offset
         too_long = 0
         while True:
-            chunk = f.read(chunk_bytes)
+            try:
+                chunk = f.read(chunk_bytes)
+            except Exception as exc:  # noqa: BLE001 - gzip/bz2/zstandard/botocore each raise their own
+                raise unreadable(split.uri, exc) from None
             if skipping and chunk:
                 nl = chunk.find(b"\n")
                 if nl < 0:

@@ -50,6 +50,7 @@ def reusable(output: str, stage: str, config: dict[str, Any], overwrite: bool,
     if inputs is not None and previous.get("inputs") != inputs:
         return False  # the stage's input was rebuilt since: this output is stale
     old = previous.get("config", {})
+    config = storage.scrub_all(config)  # as it was written
     changed = {k: (old.get(k), v) for k, v in config.items() if k not in _NOT_RESULT_KEYS and old.get(k) != v}
     if changed:
         what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())[:4])

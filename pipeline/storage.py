@@ -80,6 +80,43 @@ def redact(uri: str) -> str:
     return urlunsplit((parsed.scheme, host, parsed.path, "", ""))
 
 
+# Secrets as they appear in text: a URL's user:password@ (with or without its scheme: Arrow and
+# botocore quote paths without it), a presigned URL's signature, and the values of the
+# credential variables of the environment.
+_SECRET_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
+_SECRET_USERINFO = re.compile(r"(?<![\w:/.@-])[\w.~%+-]+:[^/\s@'\"]+@(?=[\w.-]+(?:[/:]|\b))")
+_SECRET_QUERY = re.compile(r"(?P<key>(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|sig|"
+                           r"token|access_token|AWSAccessKeyId|Expires|X-Goog-Signature|X-Goog-Credential)=)"
+                           r"[^&\s\"']+", re.IGNORECASE)
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN",
+              "HUGGING_FACE_HUB_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS_JSON", "AZURE_STORAGE_KEY",
+              "RAY_JOB_HEADERS")
+
+
+def scrub(text: str) -> str:
+    """`text` without secrets: URL credentials and signatures, and the values of the environment's
+    credential variables (`SECRET_ENV`, values of 12+ characters). What every log line, error line and written record goes through."""
+    text = _SECRET_URL.sub(r"\g<scheme>REDACTED@", text)
+    text = _SECRET_USERINFO.sub("REDACTED@", text)
+    text = _SECRET_QUERY.sub(r"\g<key>REDACTED", text)
+    for name in SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 12 and value in text:  # real keys are 20-40+ characters; short test values are not secrets
+            text = text.replace(value, "REDACTED")
+    return text
+
+
+def scrub_all(value: Any) -> Any:
+    """`scrub` applied to every string in a JSON-like value (dict keys included)."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {scrub_all(k): scrub_all(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub_all(v) for v in value]
+    return value
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI with `/`, keeping the scheme and bucket."""
     if is_local(uri):
@@ -252,7 +289,8 @@ def write_text(uri: str, text: str) -> None:
 
 
 def write_json(uri: str, obj: Any) -> None:
-    write_text(uri, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Write `obj` as JSON, every string in it scrubbed of secrets (`scrub_all`): records never hold one."""
+    write_text(uri, json.dumps(scrub_all(json.loads(json.dumps(obj, default=str))), indent=2) + "\n")
 
 
 def write_parquet(uri: str, table: Any, compression: str = "zstd") -> None:
