@@ -61,11 +61,17 @@ def _warm_up() -> None:
 
 
 def complete_input(flag: str, uri: str, job: str) -> dict:
-    """The manifest of a stage output a job reads, or one line naming the flag and the job to run first."""
+    """The manifest of a stage output a job reads, or one line naming the flag and the job to run first
+    (also when the output is another stage's: `--preprocessed <a targets output>`)."""
     if not manifest.is_complete(uri):
         raise ConfigError(f"{flag} {storage.redact(uri)} holds no complete {job} output (manifest.json "
                           f"missing); run {job} first")
-    return manifest.read(uri)
+    found = manifest.read(uri)
+    stage = str(found.get("stage", "")) if isinstance(found, dict) else ""
+    if stage != job.removeprefix("jobs."):
+        raise ConfigError(f"{flag} {storage.redact(uri)} is {'a ' + stage if stage else 'not a stage'} output, not "
+                          f"a {job} output; give the --output of {job}")
+    return found
 
 
 def read_word_set(uri: str, flag: str) -> set[str]:

@@ -31,7 +31,7 @@ from jobs.preprocess import read_words as read_corpus_words
 from pipeline import infer as bertram_infer
 from pipeline import manifest, storage
 from pipeline.config import ConfigError, to_dict
-from pipeline.model import CONFIG_NAME, NGRAMS_NAME, WEIGHTS_NAME, autocast, uses_context, uses_form
+from pipeline.model import CONFIG_NAME, NGRAMS_NAME, WEIGHTS_NAME, autocast, uses_context, uses_form, weights_problem
 
 OUTPUT_NAMES = ("vectors.parquet", "vectors.txt")
 PREPROCESSED = "preprocessed"  # the sub-output where --corpus contexts are gathered
@@ -125,6 +125,9 @@ def model_config(uri: str) -> dict:
     if missing:
         raise ConfigError(f"{where} is an incomplete model ({', '.join(missing)} missing); run jobs.train "
                           "(and jobs.fuse) again")
+    problem = weights_problem(storage.join(uri, WEIGHTS_NAME))
+    if problem:  # found now, not by the actors after the corpus pass
+        raise ConfigError(f"{where}: {WEIGHTS_NAME} is {problem}; run jobs.train (and jobs.fuse) again")
     return config
 
 

@@ -139,10 +139,25 @@ def preprocess(config: PreprocessConfig) -> dict:
     log(f"preprocess: {lines.read} lines ({lines.used} used), {tokens} tokens, {counts.num_rows} words "
         f"in {count_s:.1f}s")
 
+    if not lines.used:
+        skipped = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in lines.skipped.items() if n)
+        raise storage.UserError(f"--corpus {storage.redact(config.corpus)}: none of its {lines.read} lines is usable "
+                                f"text ({skipped or 'no lines'}); give UTF-8 text with one or more sentences per "
+                                "line (.gz/.bz2/.zst named by their suffix)")
     unmatchable = unmatchable_words(words, config.lowercase) if words is not None else []
+    not_targets: dict[str, list[str]] = {}
     if words is None:
         chosen = counts.filter(pc.greater_equal(counts["count"], config.min_count_target))
-        chosen = chosen.filter(pc.not_equal(chosen["word"], corpus.SENTENCE_END))
+        is_end = pc.equal(chosen["word"], corpus.SENTENCE_END)
+        if pc.any(is_end).as_py():  # the sentence boundary the corpus tokenizer inserts: never a target
+            not_targets["sentence_end_token"] = [corpus.SENTENCE_END]
+        chosen = chosen.filter(pc.invert(is_end))
+        if not chosen.num_rows:
+            top = pc.max(counts["count"]).as_py() if counts.num_rows else 0
+            raise storage.UserError(
+                f"--corpus {storage.redact(config.corpus)}: no word occurs --min_count_target "
+                f"{config.min_count_target} times ({counts.num_rows} distinct words, the most frequent {top} "
+                "times); lower --min_count_target or give a larger corpus")
         target_words, target_counts = chosen["word"].to_pylist(), chosen["count"].to_numpy()
     else:
         known = dict(zip(counts["word"].to_pylist(), counts["count"].to_pylist()))
@@ -171,7 +186,7 @@ def preprocess(config: PreprocessConfig) -> dict:
         mode="words" if words is not None else "train",
         words_not_single_tokens=unmatchable,
         lines=lines.as_dict(), tokens=tokens, words=counts.num_rows,
-        target_words=targets.num_rows, contexts_written=n_contexts, words_without_contexts=without,
+        target_words=targets.num_rows, not_targets=not_targets, contexts_written=n_contexts, words_without_contexts=without,
         files={"vocab": [storage.redact(u) for u in vocab_files],
                "contexts": [storage.redact(contexts.bucket_uri(output, b)) for b in range(config.num_buckets)]},
         buckets=buckets, timings={"count_s": round(count_s, 3), "sample_s": round(sample_s, 3)},

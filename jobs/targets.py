@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.common import connect_ray, log, main
+from jobs.common import complete_input, connect_ray, log, main
 from jobs.console import progress
 from pipeline import manifest, storage, targets, vocab
 from pipeline.config import ConfigError, to_dict
@@ -68,6 +68,8 @@ class TargetsOptions:
     """Seed of the OTA templates."""
 
     def __post_init__(self) -> None:
+        if self.min_count is not None and self.min_count < 1:  # (0 would silently mean the default)
+            raise ConfigError(f"--min_count must be >= 1, got {self.min_count}")
         if self.ota_batch_words < 1:
             raise ConfigError(f"--ota_batch_words must be >= 1, got {self.ota_batch_words}")
         if self.ota_steps is not None and self.ota_steps < 0:
@@ -102,10 +104,7 @@ class TargetsConfig(TargetsOptions):
 def compute_targets(config: TargetsConfig) -> dict:
     """Run the stage; returns its manifest."""
     output = config.output
-    if not manifest.is_complete(config.preprocessed):
-        raise ConfigError(f"--preprocessed {storage.redact(config.preprocessed)} holds no complete preprocess "
-                          "output (manifest.json missing); run jobs.preprocess first")
-    pre = manifest.read(config.preprocessed)
+    pre = complete_input("--preprocessed", config.preprocessed, "jobs.preprocess")
     inputs = {"preprocessed": storage.redact(config.preprocessed), "preprocessed_at": pre["finished_at"]}
     if manifest.reusable(output, "targets", to_dict(config), config.overwrite, inputs):
         log(f"targets: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")

@@ -94,7 +94,7 @@ class TrainOptions:
     use_gpu: bool = False
     """One GPU per worker (NCCL); otherwise CPU workers (gloo)."""
     cpus_per_worker: float | None = None
-    """CPUs each worker reserves (default 1)."""
+    """CPUs each worker reserves (default 1; on a local Ray, (CPUs - 1) / num_workers when 1 each would leave the data tasks none)."""
     bf16: bool = True
     """On GPUs, run the forward pass under bf16 autocast."""
     checkpoint_every: int = 500
@@ -463,7 +463,7 @@ def _finish(config: TrainConfig, result, tokenizer, mode: str, inputs: dict, sta
                          contexts_per_s=round(progress["contexts"] / seconds, 2),
                          train_seconds=round(seconds, 2), trained_parameters=progress["trained_parameters"],
                          param_checksums=progress.get("param_checksums"),
-                         losses=losses)
+                         attempts=progress.get("attempts"), losses=losses)
     log(f"train {config.stage}: {progress['step']} steps, loss {out['final_loss']:.5f} (best {out['best_loss']:.5f}), "
         f"{out['examples_per_s']} words/s -> {storage.redact(config.output)}")
     return out

@@ -286,9 +286,27 @@ def parse(cls: type[T], argv: list[str] | None = None, prog: str = "", descripti
             flags[key] = value
     values: dict[str, Any] = {}
     if config_file:
-        values.update(load_yaml(config_file))
+        values.update(_preset_for_job(load_yaml(config_file), leaves, (prog or "").rsplit(".", 1)[-1], flags))
     values.update(flags)
     return build(cls, values)
+
+
+# The sections of a jobs.run preset (jobs/configs/*.yaml), and its top-level keys that mean the same
+# to a single job. Its other top-level keys (output: the run's root, words, ...) are the run's own.
+RUN_SECTIONS = ("preprocess", "targets", "features", "form", "context", "fused", "infer", "evaluate")
+_SHARED_KEYS = ("corpus", "model", "num_cpus")
+
+
+def _preset_for_job(values: dict[str, Any], leaves: dict, job: str, flags: dict[str, Any]) -> dict[str, Any]:
+    """A jobs.run preset given to one job (`jobs.preprocess --config jobs/configs/demo.yaml`): its section
+    for that job (jobs.train: the --stage's) and the shared inputs (corpus, model). Any other file as is."""
+    is_preset = any(k.split(".", 1)[0] in RUN_SECTIONS for k in values if "." in k)
+    if not is_preset or any(k.split(".", 1)[0] in RUN_SECTIONS for k in leaves if "." in k):
+        return values  # not a run preset, or this is jobs.run
+    section = str(flags.get("stage", "")) if job == "train" else job
+    picked = {k: v for k, v in values.items() if k in _SHARED_KEYS and k in leaves}
+    picked.update({k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(f"{section}.")})
+    return picked
 
 
 def load_yaml(path: str) -> dict[str, Any]:

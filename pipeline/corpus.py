@@ -25,6 +25,7 @@ from pipeline import storage
 
 SKIP_REASONS = ("empty", "one_word", "bad_encoding", "binary", "too_long")
 SENTENCE_END = "."
+_CONTROL = r"[\x00-\x08\x0e-\x1f\x7f]"  # control bytes other than \t \n \v \f \r
 
 # One RE2 pattern, matched left to right; every match becomes its own token.
 #   numbers with inner . or , ("3.14", "1,000", "v2.0") | dotted abbreviations ("e.g.",
@@ -154,7 +155,7 @@ def read_split(split: Split, max_line_bytes: int, chunk_bytes: int = 8 << 20):
 def decode_lines(raw_lines: list[bytes], max_line_bytes: int) -> tuple[pa.Array, np.ndarray, LineStats]:
     """Decode and filter raw lines; returns (used lines, their indices into raw_lines, stats).
 
-    Skips lines that are not UTF-8, contain NUL bytes (binary junk), exceed
+    Skips lines that are not UTF-8, contain NUL or other control bytes (binary junk), exceed
     `max_line_bytes`, are blank, or hold a single whitespace-separated word (the
     reference preprocessing drops those: they carry no context).
     """
@@ -183,9 +184,11 @@ def decode_lines(raw_lines: list[bytes], max_line_bytes: int) -> tuple[pa.Array,
         keep &= ~bad
         text = pa.array([line.decode("utf-8", "replace") for line in raw_lines], pa.string())
 
-    nul = pc.match_substring(binary, b"\x00").to_numpy(zero_copy_only=False) & keep
-    stats.skipped["binary"] += int(nul.sum())
-    keep &= ~nul
+    # NUL and the other control bytes that text never holds (tab, line/form feed and CR it may):
+    # a binary file read as text; its "words" would become vocabulary and targets.
+    junk = pc.match_substring_regex(binary, _CONTROL).to_numpy(zero_copy_only=False) & keep
+    stats.skipped["binary"] += int(junk.sum())
+    keep &= ~junk
 
     stripped = pc.utf8_trim_whitespace(text)
     empty = (pc.binary_length(stripped).to_numpy(zero_copy_only=False) == 0) & keep

@@ -366,11 +366,38 @@ class Bertram(nn.Module):
             model_type = encoder_config.pop("model_type")
             encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **encoder_config))
         model = cls(config, encoder)
-        model.load_state_dict(load(storage.read_bytes(storage.join(uri, WEIGHTS_NAME))))
+        weights = storage.join(uri, WEIGHTS_NAME)
+        try:
+            state = load(storage.read_bytes(weights))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise storage.UserError(f"{storage.redact(weights)} cannot be read ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0][:120] if str(exc) else ''}): it is truncated or "
+                                    "corrupt; run the stage that wrote it again") from None
+        model.load_state_dict(state)
         model.ngram_vocab = None
         if uses_form(config.mode):
             model.ngram_vocab = NgramVocab.from_json(storage.read_text(storage.join(uri, NGRAMS_NAME)))
         return model.to(device).eval()
+
+
+def weights_problem(uri: str) -> str | None:
+    """What is wrong with the safetensors file at `uri` (truncated, not safetensors), from its header and
+    size only (a few KB read, not the weights), or None when it looks whole."""
+    import json
+
+    try:
+        with storage.open_read(uri, compression="disable") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 100 << 20:
+                return "not a safetensors file"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        size = storage.list_files(uri)[0].size
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+        return "not a safetensors file"
+    if size < 8 + n + end:
+        return f"truncated: {size} of {8 + n + end} bytes"
+    return None
 
 
 def group_by_word(vectors: torch.Tensor, word: torch.Tensor, num_words: int) -> tuple[torch.Tensor, torch.Tensor]:

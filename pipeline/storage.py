@@ -241,7 +241,13 @@ def read_bytes(uri: str) -> bytes:
 
 
 def read_text(uri: str) -> str:
-    return read_bytes(uri).decode("utf-8")
+    """The file as UTF-8 text, or one line naming the file and the first byte that is not UTF-8."""
+    data = read_bytes(uri)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{redact(uri)} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                        "convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def read_json(uri: str) -> Any:

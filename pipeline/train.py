@@ -457,6 +457,9 @@ def train_loop(config: dict) -> None:
     window = torch.zeros(4, dtype=torch.float64)  # loss x words, words, contexts since the last report; [3]: s since the last checkpoint
     window_t0 = last_line = last_checkpoint = time.time()
     step, epoch = progress["step"], progress["epoch"]
+    # Every start of the loop (the first, and each resume from a checkpoint): where it began and how many
+    # steps it took. A checkpoint stores the list as of its step, so the record says what the result is made of.
+    progress.setdefault("attempts", []).append({"start_step": step, "steps": 0})
     just_resumed = checkpoint is not None
     _reseed(s, rank, step)
 
@@ -545,6 +548,7 @@ def train_loop(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
         step += 1
         progress.update(step=step, position=where)
+        progress["attempts"][-1]["steps"] += 1
         window += torch.tensor([loss.item() * len(target), len(target), n_contexts, 0], dtype=torch.float64)
         if step % s.checkpoint_every == 0:
             report(epoch_end=False, with_checkpoint=None)

@@ -85,3 +85,24 @@ def test_tables_show_a_dash_for_a_missing_number():
 def test_the_baseline_needs_a_wordpiece_tokenizer(request, fixture, wordpiece):
     tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(fixture))
     assert ev.is_wordpiece(tokenizer) is wordpiece
+
+
+def test_cosine_and_rank_on_hand_made_vectors_with_known_ranks():
+    """Five unit-axis embeddings; each prediction's rank of the true word is known by construction."""
+    from pipeline.evaluate import cosine_and_rank
+
+    embedding = torch.eye(5) * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])[:, None]  # norms differ: cosines ignore them
+    predicted = {
+        "a": torch.tensor([1.0, 0, 0, 0, 0]),        # true word 0: exactly it -> rank 1, cosine 1
+        "b": torch.tensor([0, 0.6, 0.8, 0, 0]),      # true word 1: word 2 is nearer -> rank 2, cosine 0.6
+        "c": torch.tensor([0.5, 0.6, 0, 0, 0.7]),    # true word 3: cosine 0, three nearer -> rank 4
+        "unknown": torch.ones(5),                     # no true id: not counted
+    }
+    m = cosine_and_rank(predicted, {"a": 0, "b": 1, "c": 3}, embedding)
+    assert m["n"] == 3
+    assert m["cosine"] == pytest.approx((1.0 + 0.6 + 0.0) / 3, abs=1e-6)
+    assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3, abs=1e-6)
+    assert (m["median_rank"], m["mean_rank"], m["hits@10"]) == (2.0, pytest.approx(7 / 3), 1.0)
+    assert m["spread_true"] == pytest.approx(0.0, abs=1e-6)  # orthogonal true embeddings
+    cos_ab, cos_ac, cos_bc = 0.0, 0.5 / (0.5**2 + 0.6**2 + 0.7**2) ** 0.5, 0.36 / (0.5**2 + 0.6**2 + 0.7**2) ** 0.5
+    assert m["spread"] == pytest.approx((cos_ab + cos_ac + cos_bc) / 3, abs=1e-6)

@@ -109,11 +109,14 @@ def test_complete_output_is_kept_partial_is_redone(ray_local, small_corpus, tmp_
         preprocess(_config(corpus, out, num_buckets=3))
     forced = preprocess(_config(corpus, out, overwrite=True))
     assert forced["finished_at"] != first["finished_at"] or forced["wall_time_s"] != first["wall_time_s"]
+    kumquats = _buckets(out)["kumquat"]["count"]
     with open(corpus / "part-0.txt", "a") as f:  # the corpus changed: the complete output is stale
         f.write("kumquat river stone kumquat .\n")
     changed = preprocess(_config(corpus, out))
     assert changed["lines"]["read"] == forced["lines"]["read"] + 1
-    assert _buckets(out) == _buckets(out)  # readable after a forced redo
+    # The redone output is the changed corpus's, exactly as a fresh run writes it (no stale rows).
+    preprocess(_config(corpus, tmp_path / "fresh"))
+    assert _buckets(out) == _buckets(tmp_path / "fresh") and _buckets(out)["kumquat"]["count"] == kumquats + 2
 
 
 def test_a_users_directory_is_never_deleted(small_corpus, tmp_path):

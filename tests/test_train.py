@@ -234,12 +234,17 @@ def test_a_killed_run_resumes_where_it_stopped_with_the_same_losses(ray_local, i
     pre, tgt = inputs
     kw = dict(epochs=3, checkpoint_every=5, log_every=5)
     full = train(_config("context", pre, tgt, tiny_bert, str(tmp_path / "full"), **kw))
+    assert full["attempts"] == [{"start_step": 0, "steps": full["steps"]}]
     out = str(tmp_path / "killed")
-    with pytest.raises(Exception):  # the worker dies at step 12; no retries allowed
+    with pytest.raises(Exception) as stopped:  # the worker dies at step 12; no retries allowed
         train(_config("context", pre, tgt, tiny_bert, out, fault_at_step=12, **kw))
+    assert type(stopped.value).__name__ in ("WorkerGroupError", "TrainingFailedError"), repr(stopped.value)
+    assert storage.read_text(f"{out}/checkpoints/bertram-context/fault-drill-done") == "rank 0 exited at step 12\n"
     assert not manifest.is_complete(out)
     resumed = train(_config("context", pre, tgt, tiny_bert, out, fault_at_step=12, **kw))
     assert resumed["steps"] == full["steps"]
+    # It began at the checkpoint of step 10 and took exactly the remaining steps.
+    assert resumed["attempts"] == [{"start_step": 0, "steps": 10}, {"start_step": 10, "steps": full["steps"] - 10}]
     # Loss per 5-step window after the checkpoint at step 10 (the epoch-end windows are shorter).
     after = {s: v for s, v in resumed["losses"] if s > 10}
     expected = {s: v for s, v in full["losses"] if s > 10}
@@ -251,9 +256,13 @@ def test_a_worker_fault_restarts_from_the_last_checkpoint_and_finishes(ray_local
     from jobs.train import train
 
     pre, tgt = inputs
-    m = train(_config("context", pre, tgt, tiny_bert, str(tmp_path / "fault"), epochs=2, num_workers=2,
+    out = str(tmp_path / "fault")
+    m = train(_config("context", pre, tgt, tiny_bert, out, epochs=2, num_workers=2,
                       cpus_per_worker=1, checkpoint_every=4, log_every=4, fault_at_step=6, max_failures=1))
-    assert m["steps"] == sum(m["steps_per_epoch"]) and manifest.is_complete(str(tmp_path / "fault"))
+    assert m["steps"] == sum(m["steps_per_epoch"]) and manifest.is_complete(out)
+    # The fault fired (rank 1 exited at step 6), and the restart began at the checkpoint of step 4.
+    assert storage.read_text(f"{out}/checkpoints/bertram-context/fault-drill-done") == "rank 1 exited at step 6\n"
+    assert m["attempts"] == [{"start_step": 0, "steps": 4}, {"start_step": 4, "steps": m["steps"] - 4}]
 
 
 def test_checkpoints_and_model_on_s3(ray_local, s3_bucket, tiny_bert, tmp_path):
@@ -261,9 +270,12 @@ def test_checkpoints_and_model_on_s3(ray_local, s3_bucket, tiny_bert, tmp_path):
 
     pre, tgt = _write_inputs(s3_bucket + "/in", str(tiny_bert))
     output = s3_bucket + "/form"
-    m = train(_config("form", pre, tgt, tiny_bert, output, epochs=2, batch_size=4, checkpoint_every=3))
-    assert m["steps"] > 3
+    m = train(_config("form", pre, tgt, tiny_bert, output, epochs=2, batch_size=4, checkpoint_every=3,
+                      fault_at_step=4, max_failures=1))
     assert any("checkpoint_" in f.uri for f in storage.list_files(storage.join(output, "checkpoints")))
+    # The worker died at step 4 and the run went on from the checkpoint of step 3, read back from S3.
+    assert storage.read_text(f"{output}/checkpoints/bertram-form/fault-drill-done") == "rank 0 exited at step 4\n"
+    assert m["attempts"] == [{"start_step": 0, "steps": 3}, {"start_step": 3, "steps": m["steps"] - 3}]
     model = Bertram.from_pretrained(output)
     assert model.config.mode == "form" and model.ngram_vocab is not None
 
@@ -316,3 +328,13 @@ def test_checkpoint_interval_sets_how_often_not_what_is_learned(ray_local, input
     assert runs[0]["steps"] == runs[3600]["steps"]
     assert [s for s, _ in runs[0]["losses"]] == [s for s, _ in runs[3600]["losses"]]
     assert all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(runs[0]["losses"], runs[3600]["losses"]))
+
+
+def test_min_count_trains_only_the_words_seen_that_often(ray_local, inputs, tiny_bert, tmp_path):
+    from jobs.train import train
+
+    pre, tgt = inputs
+    # WORDS[i] occurs 100 + 150 i times: min_count 400 keeps WORDS[2:] and drops the two below it.
+    m = train(_config("form", pre, tgt, tiny_bert, str(tmp_path / "f"), epochs=1, batch_size=1, num_workers=0,
+                      vocab_words=False, min_count=400))
+    assert m["words"] == len(WORDS) - 2
