@@ -178,13 +178,15 @@ def session(job: str, run_output: str | None = None, verbose: bool = False) -> I
     remote = storage.join(run_output, "logs", os.path.basename(path)) \
         if run_output and not storage.is_local(run_output) else None
     failed_by_user = False
+    ray_was_up = _ray_is_up()  # a Ray this session did not start (a notebook's, a test's) is left running
     try:
         yield path
     except (storage.UserError, SystemExit) as exc:  # one line says what to fix: no more lines around it
         failed_by_user = isinstance(exc, storage.UserError) or exc.code == 2
         raise
     finally:
-        _shutdown_ray()
+        if not ray_was_up:
+            _shutdown_ray()
         last = None
         if not failed_by_user:
             where = path if remote is None else f"{path} (and {storage.local_copy(remote) or storage.redact(remote)})"
@@ -200,6 +202,14 @@ def session(job: str, run_output: str | None = None, verbose: bool = False) -> I
                 print(f"warning: the log stays at {path}; uploading it to {storage.redact(remote)} failed: "
                       f"{scrub(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__}",
                       file=sys.stderr, flush=True)
+
+
+def _ray_is_up() -> bool:
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized()
 
 
 def _shutdown_ray() -> None:

@@ -88,10 +88,10 @@ def versions() -> dict[str, str]:
 
 
 def write(output: str, stage: str, config: dict[str, Any], started: float, **fields: Any) -> dict[str, Any]:
-    """Commit a stage output: write its manifest (last)."""
-    manifest = {"stage": stage, "output": storage.redact(output), "config": config, **fields,
-                "wall_time_s": round(time.time() - started, 3),
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "versions": versions()}
+    """Commit a stage output: write its manifest (last). Returns it as written: secrets scrubbed."""
+    manifest = storage.scrub_all({"stage": stage, "output": storage.redact(output), "config": config, **fields,
+                                  "wall_time_s": round(time.time() - started, 3),
+                                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                  "versions": versions()})
     storage.write_json(manifest_uri(output), manifest)
     return manifest

@@ -42,7 +42,35 @@ def resolve_model(name: str) -> str:
             raise UserError(f"--model {name} holds no config.json (not a saved model); {fix}")
     elif name.startswith(("/", "./", "../", "~")) or name.endswith("/"):
         raise UserError(f"--model {name}: no such directory; {fix}")
+    elif "://" not in name:
+        _check_hub(name, fix)
     return name
+
+
+def _check_hub(name: str, fix: str) -> None:
+    """One quick question to the Hugging Face hub for a name that is neither local nor cached, so that
+    a typo or a machine without network is one line at once, not a minute of transformers' retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return  # transformers answers from the cache, at once
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    from pipeline.storage import UserError
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+        model_info(name, timeout=10)
+    except GatedRepoError:
+        raise UserError(f"--model {name} is a gated model on the Hugging Face hub: accept its terms and set "
+                        "HF_TOKEN") from None
+    except (RepositoryNotFoundError, HFValidationError):
+        raise UserError(f"--model {name}: neither a local directory nor a model on the Hugging Face hub; "
+                        f"{fix}") from None
+    except Exception as exc:  # noqa: BLE001 - no network: httpx/requests/OSError, by version
+        detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise UserError(f"--model {name}: not a local directory, not in the Hugging Face cache, and the hub is "
+                        f"unreachable ({detail}); download it where there is network, or {fix}") from None
 
 
 def default_ota_steps(model_type: str) -> int:

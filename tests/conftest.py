@@ -26,6 +26,8 @@ def ray_local(s3_server):
     """
     import ray
 
+    if ray.is_initialized() and ray.cluster_resources().get("CPU", 0) < 4:
+        ray.shutdown()  # a job called in-process started its own (2 CPUs here): these tests need the 4
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2)
     from ray.data import DataContext

@@ -98,24 +98,28 @@ def _every_text_under(*roots: Path) -> str:
     return "\n".join(out)
 
 
-@pytest.mark.parametrize("url", [f"http://KEY:{SECRET}@{{host}}",
-                                 f"http://{{host}}?X-Amz-Signature={SECRET}&X-Amz-Expires=60"])
-def test_credentials_in_urls_and_the_environment_are_never_written_or_printed(http_corpus, tmp_path, url):
+def test_credentials_in_urls_and_the_environment_are_never_written_or_printed(http_corpus, tmp_path):
     out, logs = tmp_path / "out", tmp_path / "logs"
-    proc = _job("preprocess", "--corpus", url.format(host=http_corpus), "--output", out, "--min_count_target", 50,
-                env={"BERTRAM_LOG_DIR": str(logs), "HF_TOKEN": SECRET + "-env"})
+    proc = _job("preprocess", "--corpus", f"http://KEY:{SECRET}@{http_corpus}", "--output", out,
+                "--min_count_target", 50, env={"BERTRAM_LOG_DIR": str(logs), "HF_TOKEN": SECRET + "-env"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "manifest.json").read_text())
     assert record["lines"]["read"] == 600 and "REDACTED" in json.dumps(record["config"])
     everything = proc.stdout + proc.stderr + _every_text_under(out, logs)
-    assert SECRET not in everything and "KEY:" not in everything
-    # ... and the environment's secrets: a path that holds one is written without it
+    assert SECRET not in everything and "KEY:" not in everything and list(logs.iterdir())
+
+
+def test_a_presigned_url_and_the_environments_secrets_are_not_in_any_record(ray_local, http_corpus, tmp_path,
+                                                                            monkeypatch):
+    preprocess(_config(f"http://{http_corpus}?X-Amz-Signature={SECRET}&X-Amz-Expires=60", tmp_path / "out",
+                       min_count_target=50))
+    assert SECRET not in _every_text_under(tmp_path / "out")
+    # A path that holds the value of a credential variable is written without it.
     hidden = tmp_path / SECRET[:20]
     shutil.copytree(tmp_path / "www", hidden)
-    proc = _job("preprocess", "--corpus", hidden, "--output", tmp_path / "out2", "--min_count_target", 50,
-                env={"BERTRAM_LOG_DIR": str(logs), "AWS_SESSION_TOKEN": SECRET[:20]})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert SECRET[:20] not in proc.stderr + _every_text_under(tmp_path / "out2", logs)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", SECRET[:20])
+    record = preprocess(_config(hidden, tmp_path / "out2", min_count_target=50))
+    assert SECRET[:20] not in _every_text_under(tmp_path / "out2") and "REDACTED" in record["inputs"]["files"][0][0]
 
 
 def test_a_credential_in_an_s3_uri_is_not_in_the_error_line(tmp_path):
@@ -166,7 +170,7 @@ def test_bad_training_numbers_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_a_model_directory_without_a_model_is_one_line(tmp_path):
+def test_a_model_that_is_not_there_is_one_line_at_once(tmp_path, monkeypatch):
     from pipeline.targets import resolve_model
 
     (tmp_path / "empty").mkdir()
@@ -174,7 +178,12 @@ def test_a_model_directory_without_a_model_is_one_line(tmp_path):
         resolve_model(str(tmp_path / "empty"))
     with pytest.raises(UserError, match="no such directory"):
         resolve_model(str(tmp_path / "missing") + "/")
-    assert resolve_model("bert-base-uncased") == "bert-base-uncased"  # a hub name goes to the hub
+    start = time.time()  # a typo: the hub says no such model, or (no network here) that it is unreachable
+    with pytest.raises(UserError, match="--model not-a-model-4711: (neither a local directory|not a local dir)"):
+        resolve_model("not-a-model-4711")
+    assert time.time() - start < 30
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: the name goes to transformers and its cache as is
+    assert resolve_model("bert-base-uncased") == "bert-base-uncased"
 
 
 def test_the_wrong_stage_output_is_named(ray_local, tmp_path):
@@ -219,7 +228,7 @@ def test_a_truncated_model_and_a_non_utf8_contexts_file_fail_before_the_corpus_p
     weights.write_bytes(whole)
     tsv = tmp_path / "contexts.tsv"
     tsv.write_bytes("kumquat\tein Kumquat-Baum w\xe4chst .\n".encode("latin-1"))
-    with pytest.raises(UserError, match=r"contexts.tsv is not UTF-8 text \(byte 0xe4 at offset 28\)"):
+    with pytest.raises(UserError, match=r"contexts.tsv is not UTF-8 text \(byte 0xe4 at offset 26\)"):
         infer(InferConfig(bertram=str(model), contexts=str(tsv), output=str(tmp_path / "v")))
 
 
