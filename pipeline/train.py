@@ -461,6 +461,7 @@ def train_loop(config: dict) -> None:
     # steps it took. A checkpoint stores the list as of its step, so the record says what the result is made of.
     progress.setdefault("attempts", []).append({"start_step": step, "steps": 0})
     just_resumed = checkpoint is not None
+    local_checkpoints: list[str] = []  # local mode: the temporary directory of the newest checkpoint
     _reseed(s, rank, step)
 
     def report(epoch_end: bool, with_checkpoint: bool | None) -> None:
@@ -508,11 +509,18 @@ def train_loop(config: dict) -> None:
         # Progress lines in between are ours (the loss log travels in the checkpoint).
         if with_checkpoint and rank == 0:
             d = tempfile.mkdtemp(prefix="bertram-checkpoint-")
-            save_checkpoint(d, core, optimizer, scheduler, progress)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-            # Ray Train has copied it to storage; in local mode (no workers) it keeps this directory instead.
-            if not config.get("local_mode"):
-                shutil.rmtree(d, ignore_errors=True)
+            try:
+                save_checkpoint(d, core, optimizer, scheduler, progress)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            finally:
+                # Ray Train has copied it to storage; in local mode (no workers) it keeps this directory
+                # instead: then only the newest is kept (the job removes it when it has read the model).
+                if not config.get("local_mode"):
+                    shutil.rmtree(d, ignore_errors=True)
+                else:
+                    for old in local_checkpoints:
+                        shutil.rmtree(old, ignore_errors=True)
+                    local_checkpoints[:] = [d]
         elif with_checkpoint:
             ray.train.report(metrics)
         window, window_t0 = torch.zeros(4, dtype=torch.float64), time.time()

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import glob
+import os
 import random
+import tempfile
 import time
 from collections import Counter
 
@@ -334,7 +337,10 @@ def test_min_count_trains_only_the_words_seen_that_often(ray_local, inputs, tiny
     from jobs.train import train
 
     pre, tgt = inputs
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "bertram-checkpoint-*")))
     # WORDS[i] occurs 100 + 150 i times: min_count 400 keeps WORDS[2:] and drops the two below it.
-    m = train(_config("form", pre, tgt, tiny_bert, str(tmp_path / "f"), epochs=1, batch_size=1, num_workers=0,
+    m = train(_config("form", pre, tgt, tiny_bert, str(tmp_path / "f"), epochs=3, batch_size=4, num_workers=0,
                       vocab_words=False, min_count=400))
     assert m["words"] == len(WORDS) - 2
+    # Local mode (no workers) checkpoints into temporary directories: none is left behind.
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "bertram-checkpoint-*"))) == before
