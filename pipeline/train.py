@@ -45,6 +45,7 @@ from pipeline.model import GATED_MODES, Bertram, NgramVocab, uses_form
 STAGES = ("form", "context", "fused")
 MAX_REPEATS = 5
 PROGRESS_NAME, STATE_NAME = "progress.json", "training_state.pt"
+FAULT_DRILL_WAIT_S = 5.0
 PRINT_EVERY_S = 10.0  # seconds between the loop's progress lines
 
 
@@ -537,6 +538,10 @@ def train_loop(config: dict) -> None:
         if fault is not None and step == fault and rank == world - 1:
             print(f"[train] fault drill: rank {rank} exits at step {step}", flush=True)
             storage.write_text(marker, f"rank {rank} exited at step {step}\n")
+            # Ray Train's controller collects reports when it polls its workers (every 2 s): a worker that
+            # dies sooner after a checkpoint restarts from the one before. The drill waits, like a real
+            # crash minutes later, so that the restart is seen to begin at the last checkpoint.
+            time.sleep(FAULT_DRILL_WAIT_S)
             os._exit(1)
         target = batch.pop("target")
         n_contexts = int(batch.pop("num_contexts"))

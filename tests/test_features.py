@@ -74,6 +74,7 @@ def test_whole_word_tokens_of_wordpiece_and_byte_level_bpe(tiny_bert, tiny_rober
     assert all(tok.convert_ids_to_tokens(i) == "Ġ" + w for w, i in zip(words, ids))
 
 
+@pytest.mark.slow
 def test_features_job_then_context_training_on_them(ray_local, tiny_bert, tmp_path):
     from jobs.features import FeaturesConfig, compute
     from jobs.train import train
@@ -116,6 +117,7 @@ def test_features_job_then_context_training_on_them(ray_local, tiny_bert, tmp_pa
     torch.testing.assert_close(from_text, from_cache[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_features_refuse_a_mode_that_feeds_the_form_through_the_encoder(ray_local, tiny_bert, tmp_path):
     from jobs.features import FeaturesConfig, compute
     from jobs.fuse import FuseConfig, fuse
@@ -137,6 +139,7 @@ def test_features_refuse_a_mode_that_feeds_the_form_through_the_encoder(ray_loca
         _config("form", pre, tgt, tiny_bert, str(tmp_path / "f2"), features=feats)
 
 
+@pytest.mark.slow
 def test_no_excluded_word_reaches_any_batch_of_any_stage(ray_local, tiny_bert, tmp_path, monkeypatch):
     """Every stage (form with the vocabulary's words, context on text and on features, fused add
     and gated) with --exclude_words: the batches the loop trains on never hold an excluded word."""

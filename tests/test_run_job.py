@@ -81,6 +81,7 @@ def _assert_complete_run(root: Path) -> None:
     assert report["reconstruction"]["words"]["evaluated"] == len(heldout)
 
 
+@pytest.mark.slow
 def test_the_pipeline_runs_every_stage_and_a_rerun_skips_them(ray_local, tiny_bert, tmp_path, capfd):
     from jobs.run import RunConfig, run
     from pipeline.config import parse

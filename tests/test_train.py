@@ -211,6 +211,7 @@ def test_form_context_fuse_fused_each_run_and_lower_the_loss(ray_local, inputs, 
     assert model.config.mode == "add"
 
 
+@pytest.mark.slow
 def test_two_workers_ddp_on_gloo_split_the_data_and_stay_identical(ray_local, inputs, tiny_bert, tmp_path):
     from jobs.train import train
 
@@ -231,6 +232,7 @@ def test_two_workers_ddp_on_gloo_split_the_data_and_stay_identical(ray_local, in
     assert form["world_size"] == 2 and len(set(form["param_checksums"])) == 1
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_where_it_stopped_with_the_same_losses(ray_local, inputs, tiny_bert, tmp_path):
     from jobs.train import train
 
@@ -255,6 +257,7 @@ def test_a_killed_run_resumes_where_it_stopped_with_the_same_losses(ray_local, i
     assert all(abs(after[s] - expected[s]) < 1e-5 for s in after), (after, expected)
 
 
+@pytest.mark.slow
 def test_a_worker_fault_restarts_from_the_last_checkpoint_and_finishes(ray_local, inputs, tiny_bert, tmp_path):
     from jobs.train import train
 
@@ -268,6 +271,7 @@ def test_a_worker_fault_restarts_from_the_last_checkpoint_and_finishes(ray_local
     assert m["attempts"] == [{"start_step": 0, "steps": 4}, {"start_step": 4, "steps": m["steps"] - 4}]
 
 
+@pytest.mark.slow
 def test_checkpoints_and_model_on_s3(ray_local, s3_bucket, tiny_bert, tmp_path):
     from jobs.train import train
 
@@ -314,6 +318,7 @@ def test_gradient_clipping_handles_sparse_and_dense_gradients_alike():
     assert dense.weight.grad.norm() == pytest.approx(1.0, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_checkpoint_interval_sets_how_often_not_what_is_learned(ray_local, inputs, tiny_bert, tmp_path):
     """Periodic checkpoints wait for checkpoint_interval_s; the result (n-gram dropout draws included) is the
     same whether a candidate point took a checkpoint or not."""
