@@ -306,10 +306,10 @@ def test_infer_refuses_an_output_that_holds_a_users_hidden_files(tiny_bert, tmp_
     model = tmp_path / "form"
     Bertram.create("form", str(tiny_bert), NgramVocab.build(["kumquat"] * 4, min_count=1)).save_pretrained(
         str(model), tokenizer=AutoTokenizer.from_pretrained(tiny_bert))
-    (tmp_path / "words.txt").write_text("kumquat\n")
+    (tmp_path / "contexts.tsv").write_text("kumquat\ta kumquat tree .\n")
     home = tmp_path / "home"
     home.mkdir()
     (home / ".env").write_text("SECRET=1")
     with pytest.raises(UserError, match="holds files that are not an infer output"):
-        infer(InferConfig(bertram=str(model), words=str(tmp_path / "words.txt"), output=str(home)))
+        infer(InferConfig(bertram=str(model), contexts=str(tmp_path / "contexts.tsv"), output=str(home)))
     assert (home / ".env").read_text() == "SECRET=1"
