@@ -17,7 +17,6 @@ order of the words file, else of --contexts.
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from dataclasses import dataclass
 
@@ -148,12 +147,7 @@ def _clear(output: str) -> None:
     belong to no infer output mean a user's directory: nothing is deleted then.
     """
     if storage.exists(output):
-        prefix = storage.join(storage.absolute(output), "")  # list_files gives local paths absolute
-        for f in storage.list_files(output, hidden=True):  # a user's .env or _draft counts too
-            top = f.uri[len(prefix):].lstrip("/").split("/", 1)[0] if f.uri.startswith(prefix) else f.uri
-            if not any(fnmatch.fnmatchcase(top, p) for p in OUTPUT_NAMES + (PREPROCESSED, manifest.MANIFEST)):
-                raise storage.UserError(f"--output {storage.redact(output)} holds files that are not an infer "
-                                        f"output (e.g. {storage.redact(f.uri)}); choose a new or empty location")
+        manifest.check_owned(output, OUTPUT_NAMES + (PREPROCESSED,), "an infer")
         storage.delete(manifest.manifest_uri(output))
         for name in OUTPUT_NAMES:
             storage.delete(storage.join(output, name))

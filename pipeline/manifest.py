@@ -66,15 +66,21 @@ def reset(output: str, stage: str, owned: tuple[str, ...]) -> None:
     cleared: a user's directory is never deleted.
     """
     if storage.exists(output):
-        prefix = storage.join(storage.absolute(output), "")  # list_files gives local paths absolute
-        for f in storage.list_files(output, hidden=True):  # a user's .env or _draft counts too
-            top = f.uri[len(prefix):].lstrip("/").split("/", 1)[0] if f.uri.startswith(prefix) else f.uri
-            if not any(fnmatch.fnmatchcase(top, pattern) for pattern in owned + (MANIFEST,)):
-                raise storage.UserError(f"--output {storage.redact(output)} holds files that are not a {stage} "
-                                        f"output (e.g. {storage.redact(f.uri)}); choose a new or empty location")
+        check_owned(output, owned, f"a {stage}")
         storage.delete(manifest_uri(output))  # first: from here on the output is partial
         storage.delete(output)
     storage.make_dirs(output)
+
+
+def check_owned(output: str, owned: tuple[str, ...], what: str) -> None:
+    """One line, and nothing deleted, when `output` holds a file whose top-level name matches none of
+    `owned` (or the manifest): then it is a user's directory. Hidden and `_`-named files count too."""
+    prefix = storage.join(storage.absolute(output), "")  # list_files gives local paths absolute
+    for f in storage.list_files(output, hidden=True):  # a user's .env or _draft counts too
+        top = f.uri[len(prefix):].lstrip("/").split("/", 1)[0] if f.uri.startswith(prefix) else f.uri
+        if not any(fnmatch.fnmatchcase(top, pattern) for pattern in owned + (MANIFEST,)):
+            raise storage.UserError(f"--output {storage.redact(output)} holds files that are not {what} output "
+                                    f"(e.g. {storage.redact(f.uri)}); choose a new or empty location")
 
 
 def versions() -> dict[str, str]:
