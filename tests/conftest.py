@@ -157,3 +157,18 @@ def tiny_roberta(tmp_path_factory) -> Path:
                            intermediate_size=37, max_position_embeddings=130)
     RobertaModel(config).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_families(tmp_path_factory):
+    """family -> directory of its tiny random masked-LM model (tests/families.py), built on first use."""
+    from tests.families import build
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
+
+    return get

@@ -278,7 +278,11 @@ def test_an_augmented_bert_and_roberta_reload_in_a_fresh_process(ray_local, tiny
         result = augment(AugmentConfig(vectors=str(vectors), model=str(lm), output=str(tmp_path / name),
                                        head=head))
         assert result["tokens"] == [api.token_for(w) for w in data] and result["tokens_added"] == 3
-        assert result["vocab_size"] == result["vocab_size_before"] + 3 and "<BERTRAM:kumquat>" in result["usage"]
+        # Plain text reaches the words the tokenizer splits (and Kumquat where it is cased): kumquat and ʘ̃ʘ;
+        # apple is one token of the tiny BERT's vocabulary (it keeps its own row), not of the tiny RoBERTa's
+        assert result["plain_words"] == (2 if name.startswith("bert") else 3) and result["plain_forms"] >= 2
+        assert result["vocab_size"] == result["vocab_size_before"] + 3 + result["plain_forms"]
+        assert '"a kumquat is ..."' in result["usage"]
         runs.append((str(tmp_path / name), result["head"], str(vectors)))
     assert [head for _, head, _ in runs] == ["base", "masked_lm", "masked_lm"]
 

@@ -122,8 +122,9 @@ def test_the_pipeline_runs_every_stage_and_a_rerun_skips_them(ray_local, tiny_be
     example = readme.split("```python\n", 1)[1].split("```", 1)[0].replace("out/my-run", str(root))
     scope: dict = {}
     exec(compile(example, "README.md", "exec"), scope)
-    assert scope["text"] == "a kumquat / <BERTRAM:kumquat> is a kind of [MASK] ."
-    assert scope["outputs"].logits.shape[1] == len(scope["tokenizer"](scope["text"])["input_ids"])
+    ids = scope["tokenizer"](scope["text"])["input_ids"]
+    assert scope["tokenizer"].convert_tokens_to_ids("kumquat") in ids  # plain text reads the vector
+    assert scope["outputs"].logits.shape[1] == len(ids)
 
 
 def test_readme_configuration_reference_is_up_to_date():
