@@ -190,13 +190,19 @@ def _hub_files(name: str) -> str | None:
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError
 
+    from pipeline.storage import UserError
+
     try:
         with open(hf_hub_download(name, ST_MODULES), encoding="utf-8") as f:
             modules = json.load(f)
-    except EntryNotFoundError:
+        patterns = list(ST_TOP_FILES) + [f"{m['path']}/*" if m.get("path") else ST_MODULE_CONFIG for m in modules]
+        return snapshot_download(name, allow_patterns=patterns)
+    except EntryNotFoundError:  # (also: not in the cache when offline)
         return None
-    patterns = list(ST_TOP_FILES) + [f"{m['path']}/*" if m.get("path") else ST_MODULE_CONFIG for m in modules]
-    return snapshot_download(name, allow_patterns=patterns)
+    except Exception as exc:  # noqa: BLE001 - network errors, by huggingface_hub version
+        raise UserError(f"--model {name}: cannot read its sentence-transformers files from the Hugging Face hub "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); try again, "
+                        "or give a local copy of the model") from None
 
 
 def transformer_module(modules: list[dict]) -> dict | None:

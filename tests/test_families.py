@@ -168,6 +168,8 @@ def test_plain_words_match_whole_words_with_the_tokenizers_case(tiny_families, f
     for text in ("a kumquat is sweet", "kumquat", "the kumquat.", "(kumquat)", "kumquat's tree", "kumquat-tree",
                  "Kumquat is sweet"):  # a capitalised sentence start too: uncased, or its own form if cased
         assert has(text), text
+    # one token in the place of the word, as a word the vocabulary has: no stray token for the space before it
+    assert len(tokenizer.tokenize("a kumquat is sweet")) == len(tokenizer.tokenize("a apple is sweet"))
     for text in ("kumquats", "akumquat", "kumquatkumquat", "a kumquat_tree"):
         assert not has(text), text
     assert has("a KUMQUAT is") == (family in UNCASED)  # any case only where the tokenizer lowercases
@@ -266,6 +268,8 @@ def test_every_family_runs_the_whole_pipeline(ray_local, tiny_families, family, 
 
     config = _tiny_config(tmp_path, tiny_families(family), fuse_mode=fuse_mode,
                           form={"epochs": 1, "batch_size": 8, "log_every": 10})
+    with open(tmp_path / "corpus" / "part-0.txt", "a", encoding="utf-8") as f:
+        f.write("the stones of the river .\n" * 150)  # a frequent word every family splits: OTA runs
     results = run(parse(RunConfig, ["--config", str(config)]))
     root = tmp_path / "run"
     for name in ("preprocessed", "targets", "form", "context", "fused", "vectors", "augmented", "evaluation"):
