@@ -53,7 +53,7 @@ from pipeline import evaluate as ev
 from pipeline import storage, vocab
 from pipeline.config import ConfigError
 from pipeline.model import FUSED_MODES, GATED_MODES, reads_cached_features
-from pipeline.targets import resolve_model
+from pipeline.targets import resolve_model, whole_word_tokens
 
 
 @dataclass
@@ -343,13 +343,12 @@ def nearest_neighbours(vectors_uri: str, model: str, n_words: int, k: int = 5) -
     path = resolve_model(model, check=False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     embedding = AutoModel.from_pretrained(path).get_input_embeddings().weight.detach()  # (V, D)
-    tokens = tokenizer.convert_ids_to_tokens(list(range(embedding.shape[0])))
-    whole = torch.tensor([t.isalpha() for t in tokens])  # no pieces (##x, Ġx), specials or punctuation
+    # whole words only, by the family's word-start mark (kumquat, Ġkumquat, ▁kumquat): no pieces or specials
+    words, ids = whole_word_tokens(tokenizer)
     vectors = torch.tensor(table["vector"].to_pylist())  # (W, D)
-    sims = F.normalize(vectors, dim=-1) @ F.normalize(embedding, dim=-1).T  # (W, V)
-    sims[:, ~whole] = -2
-    top = sims.topk(k, dim=-1).indices.tolist()
-    return {w: [tokens[i] for i in ids] for w, ids in zip(table["word"].to_pylist(), top)}
+    sims = F.normalize(vectors, dim=-1) @ F.normalize(embedding[ids], dim=-1).T  # (W, V')
+    top = sims.topk(min(k, len(ids)), dim=-1).indices.tolist()
+    return {w: [words[i] for i in row] for w, row in zip(table["word"].to_pylist(), top)}
 
 
 if __name__ == "__main__":

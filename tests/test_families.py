@@ -175,6 +175,19 @@ def test_plain_words_match_whole_words_with_the_tokenizers_case(tiny_families, f
     assert has("a KUMQUAT is") == (family in UNCASED)  # any case only where the tokenizer lowercases
 
 
+@FAMILY
+def test_the_run_summary_names_whole_word_neighbours(tiny_families, family, tmp_path):
+    from jobs.run import nearest_neighbours
+    from pipeline.ota import piece_ids
+
+    path = str(tiny_families(family))
+    tokenizer, lm = _load(path)
+    [[apple]] = piece_ids(tokenizer, ["apple"])  # kumquat's vector is apple's row: its nearest word is apple
+    row = lm.get_input_embeddings().weight[apple].detach()
+    storage.write_parquet(str(tmp_path / "vectors.parquet"), pa.table({"word": ["kumquat"], "vector": [row.tolist()]}))
+    assert nearest_neighbours(str(tmp_path), path, 1)["kumquat"][0] == "apple"
+
+
 def _gpt2(path):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
