@@ -164,7 +164,7 @@ def augment(config: AugmentConfig) -> dict:
     out = manifest.write(output, "augment", to_dict(config), started, inputs=inputs, model_path=path, head=head,
                          dim=dim, vocab_size_before=vocab_size, vocab_size=len(tokenizer), tokens_added=len(tokens),
                          tokens=tokens, plain_words=len(set(plain.values())), plain_forms=len(plain),
-                         sentence_transformers=bool(layout), usage=usage)
+                         sentence_transformers=bool(layout), example_word=shown, usage=usage)
     log(f"augment: {len(tokens)} tokens <BERTRAM:w> added to {config.model} ({head}) -> {storage.redact(output)}")
     if config.plain_words:
         reached = len(set(plain.values()))

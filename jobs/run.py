@@ -319,7 +319,7 @@ def load_snippet(augmented: str, manifest: dict) -> list[str]:
         local = "augmented"
         lines.append(f'    from pipeline import storage; storage.copy_tree("{storage.redact(augmented)}", "{local}")')
     tokens = manifest.get("tokens") or []
-    word = tokens[0][len("<BERTRAM:"):-1] if tokens and tokens[0].startswith("<BERTRAM:") else "..."
+    word = manifest.get("example_word") or (tokens[0][len("<BERTRAM:"):-1] if tokens else "...")  # plain text reaches it
     text = f"a {word} is ..." if manifest.get("plain_words") else f"a {word} / <BERTRAM:{word}> is ..."
     if st:
         lines.append(f'    embeddings = SentenceTransformer("{local}").encode(["{text}"])')

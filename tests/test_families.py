@@ -238,7 +238,7 @@ def test_a_sentence_transformers_base_gives_a_sentence_transformers_model(tmp_pa
     tokenizer = AutoTokenizer.from_pretrained(base)
     assert len(tokenizer.tokenize("kumquat")) > 1 and len(tokenizer.tokenize("fruit")) == 1
     vector = torch.randn(384, generator=torch.Generator().manual_seed(0))
-    storage.write_parquet(str(tmp_path / "v.parquet"), pa.table({"word": ["kumquat", "fruit"],
+    storage.write_parquet(str(tmp_path / "v.parquet"), pa.table({"word": ["fruit", "kumquat"],
                                                                  "vector": [vector.tolist(), vector.tolist()]}))
     texts = ["a kumquat is sweet .", "Kumquat trees grow .", "a fruit is sweet .", "kumquats are sweet ."]
     original = SentenceTransformer(base, device="cpu").encode(texts)
@@ -249,6 +249,10 @@ def test_a_sentence_transformers_base_gives_a_sentence_transformers_model(tmp_pa
                                   plain_words=plain))
         assert m["sentence_transformers"] and (out / "modules.json").exists() and (out / "1_Pooling").is_dir()
         assert "SentenceTransformer(" in m["usage"]
+        if plain:  # the run's summary shows a word plain text reaches (fruit keeps its own token)
+            from jobs.run import load_snippet
+
+            assert m["example_word"] == "kumquat" and '.encode(["a kumquat is ..."])' in load_snippet(str(out), m)[-1]
         encoded[plain] = SentenceTransformer(str(out), device="cpu").encode(texts)
     cos = lambda a, b: float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
     # Plain text with the rare word reads its new vector (any case: the MiniLM is uncased); the rest is unchanged.
