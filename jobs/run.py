@@ -310,7 +310,7 @@ def load_snippet(augmented: str, manifest: dict) -> list[str]:
     """Copy-paste Python that loads the augmented model from a real local path (for a remote output without
     a local copy: the line that copies it first)."""
     st = manifest.get("sentence_transformers")
-    cls = "SentenceTransformer" if st else "AutoModelForMaskedLM" if manifest.get("head") == "masked_lm" else "AutoModel"
+    cls = "AutoModelForMaskedLM" if manifest.get("head") == "masked_lm" else "AutoModel"
     local = augmented if storage.is_local(augmented) else storage.local_copy(augmented)
     lines = [f"the language model with the new vectors ({'sentence-transformers' if st else 'plain transformers'}):",
              "    from sentence_transformers import SentenceTransformer" if st else

@@ -53,12 +53,17 @@ def token_for(word: str) -> str:
     return f"<BERTRAM:{word}>"
 
 
+def check_word(word: str) -> None:
+    """A ValueError unless `word` is a non-empty string (the one check of a word, for infer and augment)."""
+    if not isinstance(word, str) or not word.strip():
+        raise ValueError(f"a word must be a non-empty string, got {word!r}")
+
+
 def _rows(vectors: Mapping[str, torch.Tensor | np.ndarray], model: PreTrainedModel) -> list[torch.Tensor]:
     dim = model.get_input_embeddings().embedding_dim
     rows = []
     for word, vector in vectors.items():
-        if not isinstance(word, str) or not word.strip():
-            raise ValueError(f"a word must be a non-empty string, got {word!r}")
+        check_word(word)
         row = torch.as_tensor(vector).detach()  # (D,)
         if row.shape != (dim,):
             raise ValueError(f"the vector of {word!r} has shape {tuple(row.shape)} but the model's input embeddings "
@@ -115,15 +120,13 @@ def plain_forms(words: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> dic
     module docstring: the word, and for a cased tokenizer its capitalised form; nothing for a word
     the tokenizer already keeps as one token, nor a form it keeps as one, nor one with whitespace)."""
     words = [w for w in dict.fromkeys(words) if not any(ch.isspace() for ch in w)]
-    rare = [w for w, whole in zip(words, _one_token(tokenizer, words)) if not whole]
-    uncased = is_uncased(tokenizer)
-    candidates: dict[str, str] = {}
-    for word in rare:
-        candidates.setdefault(word, word)
-        if not uncased and word[:1].islower() and word[:1].upper() != word[:1]:
-            candidates.setdefault(word[:1].upper() + word[1:], word)
-    keep = [form for form, whole in zip(candidates, _one_token(tokenizer, list(candidates))) if not whole]
-    return {form: candidates[form] for form in keep}
+    forms = {w: w for w, whole in zip(words, _one_token(tokenizer, words)) if not whole}
+    if not is_uncased(tokenizer):  # a cased tokenizer: also the capitalised form of a lowercase word
+        capitalised = {w[:1].upper() + w[1:]: w for w in forms if w[:1].islower() and w[:1].upper() != w[:1]}
+        capitalised = {f: w for f, w in capitalised.items() if f not in forms}
+        forms.update({f: w for (f, w), whole in zip(capitalised.items(), _one_token(tokenizer, list(capitalised)))
+                      if not whole})
+    return forms
 
 
 def add_plain_words(vectors: Mapping[str, torch.Tensor | np.ndarray], tokenizer: PreTrainedTokenizerBase,

@@ -32,6 +32,7 @@ import torch
 from pipeline import storage
 # Giving the vectors to a language model lives in pipeline/augment.py; these names stay importable from here.
 from pipeline.augment import STYLES, add_plain_words, add_word_vectors_to_model, rewrite, token_for  # noqa: F401
+from pipeline.augment import check_word
 from pipeline.batching import encode, mask_word
 from pipeline.model import Bertram, uses_context, uses_form
 
@@ -227,8 +228,7 @@ def _require_contexts(missing: list[str]) -> None:
 
 
 def _check(word: str, contexts: Sequence[str]) -> None:
-    if not isinstance(word, str) or not word.strip():
-        raise ValueError(f"a word must be a non-empty string, got {word!r}")
+    check_word(word)
     if isinstance(contexts, str):
         raise ValueError(f"the contexts of {word!r} must be a list of strings, got one string; wrap it in a list")
 
