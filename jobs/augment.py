@@ -169,8 +169,8 @@ def augment(config: AugmentConfig) -> dict:
     if config.plain_words:
         reached = len(set(plain.values()))
         log(f"augment: plain text reaches {reached} of {len(words)} words ({len(plain)} forms)"
-            + ("; the others are one token of the tokenizer already and keep their own row"
-               if reached < len(words) else ""))
+            + (f"; the other {len(words) - reached} are one token of the tokenizer already (their own row stays) "
+               "or hold a space (rewrite them to <BERTRAM:w>: pipeline.infer.rewrite)" if reached < len(words) else ""))
     log(f"augment: use it with {usage}")
     return out
 
