@@ -22,6 +22,8 @@ Stages, each into its own directory under --output:
     vectors/        their vectors: vectors.parquet, vectors.txt                (jobs.infer)
     augmented/      the language model with a <BERTRAM:w> token per word       (jobs.augment)
     evaluation/     report.md / report.json / PNGs                              (jobs.evaluate)
+    eval-corpus/    with --eval_corpus: the held-out words' contexts in another corpus (jobs.preprocess --words)
+    evaluation-eval-corpus/  the same evaluation with those contexts: another domain   (jobs.evaluate)
 
 Re-running the same command after a crash or a kill continues with the first incomplete
 stage (a training stage from its latest checkpoint). At the end a summary lists every
@@ -76,12 +78,16 @@ class RunConfig:
     """Share of the single-token target words held out of training for the reconstruction evaluation (0: none)."""
     fuse_mode: str = "gated"
     """How the fused model combines form and contexts: gated | shallow (after the encoder) | add | add-quotes | replace (through it)."""
+    fuse_pieces: bool = True
+    """gated/shallow: the word's pieces under the LM's tokenizer (the mean of their embeddings) are a third part the gate weighs, so the vectors can fall back to what the LM does without BERTRAM."""
     fusion_fraction: float = 0.1
     """gated/shallow: share of the non-held-out targets with contexts that only the fused stage trains on (0: none)."""
     cache_features: bool = True
     """Train the context stage (and a gated/shallow fused stage) on cached frozen-encoder features (features/)."""
     plain_words: bool = True
     """The augmented tokenizer maps each plain rare word (whole word) to its vector, not only <BERTRAM:w>."""
+    eval_corpus: str | None = None
+    """Optional second corpus (another domain): the held-out words are also evaluated with their contexts there (evaluation-eval-corpus/)."""
     wnlampro: str | None = None
     """Optional WNLaMPro file: also probe the masked LM with and without BERTRAM vectors (needs an MLM head)."""
     summary_words: int = 5
@@ -143,7 +149,7 @@ def run(config: RunConfig) -> dict:
     resolve_model(config.model)  # a model BERTRAM cannot serve is refused before the corpus is read
     out = {name: storage.join(config.output, name) for name in
            ("preprocessed", "targets", "features", "form", "context", "fused-init", "fused", "vectors", "augmented",
-            "evaluation", "heldout.txt", "fusion_words.txt", "excluded_from_parts.txt", "rare_words.txt")}
+            "evaluation", "eval-corpus", "evaluation-eval-corpus", "heldout.txt", "fusion_words.txt", "excluded_from_parts.txt", "rare_words.txt")}
     common = dict(overwrite=config.overwrite, num_cpus=config.num_cpus)
     stages = _Stages()
     results: dict[str, dict] = {}
@@ -177,7 +183,9 @@ def run(config: RunConfig) -> dict:
             describe_training)
     results["fuse"] = stages.run("fuse", out["fused-init"], lambda: fuse(FuseConfig(
         form=out["form"], context=out["context"], mode=config.fuse_mode, output=out["fused-init"],
-        overwrite=config.overwrite)), lambda m: f"mode {config.fuse_mode}")
+        pieces=config.fuse_pieces and config.fuse_mode in GATED_MODES, features=features,
+        overwrite=config.overwrite)),
+        lambda m: f"mode {config.fuse_mode}{' + pieces' if m.get('pieces') else ''}")
     results["fused"] = stages.run("train fused", out["fused"], lambda: train(TrainConfig(
         **vars(config.fused), stage="fused", init=out["fused-init"], output=out["fused"], exclude_words=heldout_file,
         only_words=out["fusion_words.txt"] if fusion else None,
@@ -196,6 +204,16 @@ def run(config: RunConfig) -> dict:
             **vars(config.evaluate), bertram=out["fused"], compare=[f"form={out['form']}", f"context={out['context']}"],
             model=config.model, output=out["evaluation"], heldout=out["heldout.txt"] if heldout else None,
             contexts=out["preprocessed"], wnlampro=config.wnlampro, overwrite=config.overwrite)))
+    if heldout and config.eval_corpus:
+        results["eval-corpus"] = stages.run("eval-corpus", out["eval-corpus"], lambda: preprocess(PreprocessConfig(
+            **{**vars(config.preprocess), "min_count_target": 1}, corpus=config.eval_corpus, words=out["heldout.txt"],
+            output=out["eval-corpus"], **common)), lambda m: f"{m['target_words']} held-out words found")
+        results["evaluate-eval-corpus"] = stages.run(
+            "evaluate (eval corpus)", out["evaluation-eval-corpus"], lambda: evaluate(EvaluateConfig(
+                **{**vars(config.evaluate), "plot_words": 0}, bertram=out["fused"],
+                compare=[f"form={out['form']}", f"context={out['context']}"], model=config.model,
+                output=out["evaluation-eval-corpus"], heldout=out["heldout.txt"], contexts=out["eval-corpus"],
+                overwrite=config.overwrite)))
 
     _summary(config, stages, out, results)
     return results
@@ -278,12 +296,15 @@ def _summary(config: RunConfig, stages: _Stages, out: dict[str, str], results: d
         log(f"OTA self-check ({check['words']} single-token words approximated from their pieces, "
             f"{storage.redact(storage.join(out['targets'], 'ota_check.parquet'))}): cosine to the true embedding "
             f"{check['start_cosine']:.3f} (mean of the pieces) -> {check['cosine']:.3f} (OTA); {check['verdict']}")
-    report = storage.join(out["evaluation"], "report.md")
-    if "evaluate" in results and storage.exists(report):
-        log(f"evaluation ({storage.redact(report)}):")
-        for line in storage.read_text(report).splitlines():
-            if line.startswith("|"):
-                log(f"  {line}")
+    for key, name, what in (("evaluate", "evaluation", "evaluation"),
+                            ("evaluate-eval-corpus", "evaluation-eval-corpus", "evaluation with contexts from "
+                             f"--eval_corpus {storage.redact(config.eval_corpus or '')}")):
+        report = storage.join(out[name], "report.md")
+        if key in results and storage.exists(report):
+            log(f"{what} ({storage.redact(report)}):")
+            for line in storage.read_text(report).splitlines():
+                if line.startswith("|"):
+                    log(f"  {line}")
     plots = [storage.join(out[s], "loss.png") for s in ("form", "context", "fused")]
     if "evaluate" in results:
         plots += [f.uri for f in storage.list_files(out["evaluation"]) if f.uri.endswith(".png")]

@@ -84,7 +84,7 @@ class TrainOptions:
     ngram_min_count: int = 4
     """Form: n-grams seen in fewer vocabulary words than this map to UNK."""
     loss: str | None = None
-    """mse (the paper) | cosine; default cosine for a gated/shallow fused stage (its gate learns the direction, not shrinkage), else mse."""
+    """mse (the paper) | cosine | contrastive (the target ranked first among the LM's rows, at a row's norm); default contrastive for a fused stage with the pieces part, cosine for other gated/shallow fused stages (the gate learns the direction, not shrinkage), else mse."""
     vocab_words: bool = True
     """Form: also train on every whole-word token of the LM's vocabulary (its input embedding is the target); excluded words never."""
     max_seq_length: int = 128
@@ -257,7 +257,13 @@ def train(config: TrainConfig) -> dict:
     checkpoints = config.checkpoints or storage.join(output, "checkpoints")
     started = time.time()
 
-    table = storage.read_parquet(storage.join(config.targets, "targets.parquet")).select(["word", "vector"])
+    table = storage.read_parquet(storage.join(config.targets, "targets.parquet"))
+    pieces = config.stage == "fused" and bool(storage.read_json(storage.join(config.init, "config.json")).get("pieces"))
+    if pieces and "source" in table.column_names:
+        # A `mean` target is the mean of the word's pieces: the pieces part itself. The gate would learn
+        # that the pieces are always right; it trains on words whose true embedding is known (and OTA).
+        table = table.filter(pc.not_equal(table["source"], "mean"))
+    table = table.select(["word", "vector"])
     if table.num_rows and len(table["vector"][0]) != hidden:
         raise ConfigError(f"--targets {storage.redact(config.targets)} has {len(table['vector'][0])}-dim vectors "
                           f"but --model {config.model} has {hidden} dims; compute targets for this model")
@@ -285,6 +291,9 @@ def train(config: TrainConfig) -> dict:
 
     from pipeline import train as training
 
+    if pieces:  # the fused stage of a pieces model: each word's pieces travel with its target
+        table = table.append_column("pieces", pa.array(targets.word_pieces(tokenizer, table["word"].to_pylist()),
+                                                       pa.list_(pa.int64())))
     targets_ref = ray.put(table)
     source = config.features or storage.join(config.preprocessed, "contexts")
     buckets = [storage.absolute(f.uri) for f in storage.list_files(source) if "bucket-" in f.uri]
@@ -334,10 +343,19 @@ def train(config: TrainConfig) -> dict:
                         bf16=config.bf16, fault_at_step=config.fault_at_step,
                         context_features=manifest.read(config.features)["context_features"] if config.features
                         else "mask",
-                        loss=config.loss or ("cosine" if config.stage == "fused" and mode in GATED_MODES else "mse"))
+                        loss=config.loss or default_loss(config.stage, mode, pieces))
     result = _fit(config, loop, sampling, buckets, bucket_ids, targets_ref, run_name, checkpoints)
     return _finish(config, result, tokenizer, mode, inputs, started, words, len(excluded), per_epoch,
                    from_vocab.num_rows, loop.loss)
+
+
+def default_loss(stage: str, mode: str, pieces: bool) -> str:
+    """The loss when --loss is not given (BENCHMARKS.md, "Vectors in and out of domain"): contrastive for a
+    pieces model's fused stage (higher MRR, less spread than cosine), cosine for the other gated/shallow
+    fused stages, the paper's MSE elsewhere."""
+    if stage == "fused" and pieces:
+        return "contrastive"
+    return "cosine" if stage == "fused" and mode in GATED_MODES else "mse"
 
 
 def _no_training_words(config: TrainConfig, pre: dict, tgt: dict, min_count: int, excluded: int) -> None:

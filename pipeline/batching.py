@@ -35,6 +35,14 @@ def mask_word(word: str, context: str, mask_token: str) -> str | None:
     return masked if n else None
 
 
+def pad_pieces(pieces: list[list[int]]) -> torch.Tensor:
+    """(B, P) piece ids, padded with -1 (a word without pieces is a row of -1)."""
+    out = torch.full((len(pieces), max((len(p) for p in pieces), default=0) or 1), -1, dtype=torch.long)
+    for row, p in enumerate(pieces):
+        out[row, :len(p)] = torch.tensor(p, dtype=torch.long)
+    return out
+
+
 def _prefix(tokenizer, mode: str) -> list[int]:
     """Token ids between [CLS] and the context in the add modes (the form placeholder is UNK)."""
     slot = form_slot(mode)
@@ -49,9 +57,12 @@ def _prefix(tokenizer, mode: str) -> list[int]:
 
 
 def encode(words: list[str], contexts: list[list[str]], tokenizer, mode: str, max_seq_length: int = 128,
-           ngram_vocab: NgramVocab | None = None) -> Batch:
-    """Tensors for `Bertram.forward`: n-grams of `words` and their `contexts` (one list per word)."""
+           ngram_vocab: NgramVocab | None = None, pieces: list[list[int]] | None = None) -> Batch:
+    """Tensors for `Bertram.forward`: n-grams of `words` and their `contexts` (one list per word); with
+    `pieces` (a pieces model's `targets.word_pieces` of the words) also `piece_ids`."""
     tensors: dict[str, torch.Tensor] = {}
+    if pieces is not None:
+        tensors["piece_ids"] = pad_pieces(pieces)
     if uses_form(mode):
         if ngram_vocab is None:
             raise ValueError(f"mode {mode!r} uses the word form: pass the model's ngram_vocab")

@@ -121,13 +121,14 @@ def cosine_and_rank(predicted: dict[str, torch.Tensor], true_ids: dict[str, int]
                     embedding: torch.Tensor) -> dict[str, float]:
     """Mean cosine of predicted to true embeddings; median and mean rank of the true word among all
     embeddings (1 = nearest), its mean reciprocal rank (MRR), the share with the true word in the
-    nearest 10; and the mean pairwise cosine among the predicted vectors (`spread`: near 1 when
-    they all collapse to one point; compare `spread_true`, the same among the true embeddings)."""
+    nearest 10; the mean pairwise cosine among the predicted vectors (`spread`: near 1 when
+    they all collapse to one point; compare `spread_true`, the same among the true embeddings); and the
+    similarity profile (`profile`, `similarity_profile`): geometry, not only identity."""
     words = [w for w in predicted if w in true_ids]
     if not words:
         return {"n": 0, "cosine": float("nan"), "mrr": float("nan"), "median_rank": float("nan"),
                 "mean_rank": float("nan"), "hits@10": float("nan"), "spread": float("nan"),
-                "spread_true": float("nan")}
+                "spread_true": float("nan"), "profile": float("nan"), "mrr_ci": [float("nan"), float("nan")]}
     pred = torch.stack([predicted[w].float() for w in words])  # (W, D)
     ids = torch.tensor([true_ids[w] for w in words])
     table = F.normalize(embedding.float(), dim=-1)  # (V, D)
@@ -135,10 +136,47 @@ def cosine_and_rank(predicted: dict[str, torch.Tensor], true_ids: dict[str, int]
         sims = F.normalize(pred, dim=-1) @ table.T  # (W, V)
     true_sim = sims[torch.arange(len(words)), ids]  # (W,)
     ranks = (sims > true_sim[:, None]).sum(1) + 1  # (W,)
-    return {"n": len(words), "cosine": float(true_sim.mean()), "mrr": float((1.0 / ranks.float()).mean()),
+    reciprocal = 1.0 / ranks.float()
+    return {"n": len(words), "cosine": float(true_sim.mean()), "mrr": float(reciprocal.mean()),
+            "mrr_ci": bootstrap_interval(reciprocal),
             "median_rank": float(ranks.float().median()), "mean_rank": float(ranks.float().mean()),
             "hits@10": float((ranks <= 10).float().mean()), "spread": mean_pairwise_cosine(pred),
-            "spread_true": mean_pairwise_cosine(embedding[ids].float())}
+            "spread_true": mean_pairwise_cosine(embedding[ids].float()),
+            "profile": float(similarity_profile(sims, table, ids).mean())}
+
+
+def bootstrap_interval(values: torch.Tensor, resamples: int = 1000, seed: int = 0) -> list[float]:
+    """95% bootstrap interval of the mean of per-word `values` (resampling words; seeded)."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(values), (resamples, len(values)), generator=generator)
+    means = values.float().cpu()[picks].mean(1)
+    return [float(means.quantile(0.025)), float(means.quantile(0.975))]
+
+
+def similarity_profile(sims: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """(W,) per word, the Spearman correlation between the predicted vector's cosines to every row of the
+    vocabulary (`sims`, (W, V)) and the true row's own cosines to them (`table`: unit rows, (V, D)), the
+    word's own row left out: 1 when the vector sees the vocabulary as the true embedding does (which words
+    are near, which far), whatever its rank of the word itself."""
+    out = []
+    for start in range(0, len(ids), chunk):
+        rows, own = sims[start:start + chunk].float(), ids[start:start + chunk]
+        with torch.autocast(rows.device.type, enabled=False):
+            true = table[own] @ table.T  # (w, V)
+        keep = torch.ones_like(rows, dtype=torch.bool)
+        keep[torch.arange(len(own)), own] = False
+        a = _ranks(rows[keep].view(len(own), -1))
+        b = _ranks(true[keep].view(len(own), -1))
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        out.append((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks along the last dimension (ties broken by position)."""
+    ranks = torch.empty_like(x)
+    ranks.scatter_(1, x.argsort(1), torch.arange(x.shape[1], dtype=x.dtype, device=x.device).expand_as(x))
+    return ranks
 
 
 def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
@@ -180,12 +218,17 @@ def reconstruction(models: dict[str, tuple], contexts: dict[str, list[str]], tok
 def markdown_table(rows: list[dict]) -> str:
     """The reconstruction table; `spread` is the mean pairwise cosine among a row's vectors (the
     true embeddings' own is in the caption line under the table)."""
-    lines = ["| model | contexts | words | cosine | MRR | median rank | hits@10 | spread |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | contexts | words | cosine | MRR | median rank | hits@10 | profile | spread |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['contexts']} | {r['n']} | {_number(r['cosine'], '.3f')} | "
-                     f"{_number(r.get('mrr'), '.3f')} | {_number(r['median_rank'], '.0f')} | "
-                     f"{_number(r['hits@10'], '.2f')} | {_number(r.get('spread'), '.3f')} |")
+                     f"{_number(r.get('mrr'), '.3f')}{_interval(r.get('mrr_ci'))} | {_number(r['median_rank'], '.0f')} | "
+                     f"{_number(r['hits@10'], '.2f')} | {_number(r.get('profile'), '.3f')} | "
+                     f"{_number(r.get('spread'), '.3f')} |")
+    lines.append("")
+    lines.append("MRR: mean reciprocal rank of the true word, with its 95% bootstrap interval over the words.")
+    lines.append("profile: Spearman correlation, per word then averaged, between the vector's cosines to every "
+                 "vocabulary row and the true embedding's (geometry: which words it is near).")
     true_spread = next((r["spread_true"] for r in rows if r.get("spread_true") == r.get("spread_true")
                         and r.get("spread_true") is not None), None)
     if true_spread is not None:
@@ -193,6 +236,13 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(f"spread: mean pairwise cosine among a row's vectors; among the true embeddings of these "
                      f"words it is {true_spread:.3f} (far above it: the vectors collapse towards one point).")
     return "\n".join(lines)
+
+
+def _interval(ci: list[float] | None) -> str:
+    """' (lo-hi)' for a table cell, or nothing (no interval, or no words)."""
+    if not ci or ci[0] != ci[0]:
+        return ""
+    return f" ({ci[0]:.2f}-{ci[1]:.2f})"
 
 
 def _number(value: float | None, spec: str) -> str:

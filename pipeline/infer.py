@@ -35,6 +35,7 @@ from pipeline.augment import STYLES, add_plain_words, add_word_vectors_to_model,
 from pipeline.augment import check_word
 from pipeline.batching import encode, mask_word
 from pipeline.model import Bertram, uses_context, uses_form
+from pipeline.targets import word_pieces
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -167,6 +168,8 @@ def infer_vectors(model: Bertram, tokenizer: PreTrainedTokenizerBase, words_with
             _require_contexts([w for w, cs in merged.items() if not cs])
     else:
         merged = {w: [] for w in merged}  # a form model reads no contexts
+    if model.config.pieces:
+        word_pieces(tokenizer, list(merged))  # every word's pieces at once (memoised): one reduced vocabulary
     chunks = [(w, cs[i:i + max_contexts_per_chunk]) for w, cs in merged.items()
               for i in range(0, max(len(cs), 1), max_contexts_per_chunk)]
     # A pass is padded to its longest context: passes of chunks whose longest contexts are
@@ -197,8 +200,9 @@ def _infer(model: Bertram, tokenizer: PreTrainedTokenizerBase, words: list[str],
     """
     mode = model.config.mode
     device = next(model.parameters()).device
-    t = encode(words, contexts, tokenizer, mode, max_seq_length, model.ngram_vocab).to(device).tensors
-    if not uses_context(mode):
+    pieces = word_pieces(tokenizer, words) if model.config.pieces else None
+    t = encode(words, contexts, tokenizer, mode, max_seq_length, model.ngram_vocab, pieces).to(device).tensors
+    if not uses_context(mode) or model.config.pieces:  # (a pieces model weighs form and pieces alone itself)
         return model(**t)  # (B, D)
     used = torch.bincount(t["context_word"], minlength=len(words)).cpu()  # (B,)
     if not uses_form(mode):

@@ -5,7 +5,8 @@ One model, one file, read top to bottom:
     NgramVocab            character n-grams of a word (n = 3..5, <S> and </S> boundaries)
     FormModel             the form vector: mean of the word's n-gram embeddings
     AttentiveMimicking    reliability weights of a word's contexts from their similarities
-    Bertram               form | context | fused (add, add-quotes, replace, shallow, gated)
+    Bertram               form | context | fused (add, add-quotes, replace, shallow, gated),
+                          gated/shallow optionally with a third part: the word's pieces (`pieces`)
 
 Shapes in comments: B words in a batch, N contexts in the batch (all words together),
 C the most contexts of one word, T tokens per context, H the encoder's hidden size, D the
@@ -38,6 +39,7 @@ GATED_MODES = ("shallow", "gated")  # form and context combined after the encode
 # layer over the context's tokens (what a sentence-embedding model is trained to output).
 CONTEXT_FEATURES = ("mask", "mask4", "mask+pooled", "mask4+pooled")
 PAD, UNK = 0, 1  # n-gram ids
+SHARED_DIRECTIONS = 3  # directions projected out of a pieces model's context part, by default (BENCHMARKS.md)
 CONFIG_NAME, WEIGHTS_NAME, NGRAMS_NAME = "config.json", "model.safetensors", "ngram_vocab.json"
 
 
@@ -211,6 +213,11 @@ class BertramConfig:
     ngram_dropout: float = 0.1
     encoder_config: dict | None = None  # the encoder's transformers config (context modes)
     context_features: str = "mask"  # how a context becomes a vector (CONTEXT_FEATURES)
+    # gated/shallow: the mean input embedding of the word's pieces under the LM's tokenizer is a third part
+    # (`piece_ids`), the gate weighs the three parts' directions by how far to trust each, and a learned
+    # scale sets the norm of the output (`PiecesGate`).
+    pieces: bool = False
+    shared_directions: int = SHARED_DIRECTIONS  # pieces: shared directions projected out of the context part
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -218,6 +225,9 @@ class BertramConfig:
         if self.context_features not in CONTEXT_FEATURES:
             raise ValueError(f"context_features must be one of {', '.join(CONTEXT_FEATURES)}, got "
                              f"{self.context_features!r}")
+        if self.pieces and self.mode not in GATED_MODES:
+            raise ValueError(f"pieces: the word pieces are a third part of the gated and shallow modes, not of "
+                             f"{self.mode!r}")
         if self.context_features != "mask" and not reads_cached_features(self.mode) and uses_context(self.mode):
             raise ValueError(f"mode {self.mode!r} feeds the form vector through the encoder; it reads the "
                              "paper's [MASK] state only (context_features 'mask')")
@@ -238,7 +248,9 @@ class Bertram(nn.Module):
             hidden = feature_size(config.context_features, encoder.config.hidden_size)
             self.mimicking = AttentiveMimicking(hidden)
             self.context_linear = nn.Linear(hidden, config.output_size)
-        if config.mode in GATED_MODES:  # gated: the gate also reads log(1 + number of contexts)
+        if config.pieces:
+            self.gate = PiecesGate(config.output_size, counts=config.mode == "gated", shared=config.shared_directions)
+        elif config.mode in GATED_MODES:  # gated: the gate also reads log(1 + number of contexts)
             self.gate = nn.Linear(2 * config.output_size + (config.mode == "gated"), 1)
 
     @classmethod
@@ -263,7 +275,8 @@ class Bertram(nn.Module):
 
     def forward(self, ngram_ids: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, mask_positions: torch.Tensor | None = None,
-                context_word: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+                context_word: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                piece_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The inferred vectors (B, D) of a batch of words.
 
         ngram_ids (B, G): the words' n-grams (form modes). input_ids, attention_mask (N, T):
@@ -272,11 +285,16 @@ class Bertram(nn.Module):
         context_word (N,): which of the B words each context belongs to (context modes).
         features (N, H'): instead of input_ids, the contexts' cached `encode_contexts`
         output (modes whose encoder reads the context alone: context, shallow, gated).
+        piece_ids (B, P): a `pieces` model's word pieces (`targets.word_pieces`), padded with -1.
         """
         mode = self.config.mode
         form = self.form(ngram_ids) if uses_form(mode) else None  # (B, D)
         if mode == "form":
             return form
+        if self.config.pieces and features is None and (input_ids is None or input_ids.shape[0] == 0):
+            no_contexts = torch.zeros(form.shape[0], dtype=torch.long, device=form.device)
+            return self.gate(torch.zeros_like(form), form, self.pieces_vector(piece_ids), no_contexts,
+                             (piece_ids >= 0).sum(1))
         if features is None:
             if input_ids is None or input_ids.shape[0] == 0:
                 raise ValueError(f"a {mode!r} model needs at least one context per word")
@@ -287,6 +305,10 @@ class Bertram(nn.Module):
         grouped, valid = group_by_word(features, context_word, self._num_words(ngram_ids, context_word))  # (B, C, H')
         weights = self.mimicking(grouped, valid)  # (B, C)
         context = self.context_linear((weights.unsqueeze(-1) * grouped).sum(dim=1))  # (B, D)
+        if self.config.pieces:
+            if piece_ids is None:
+                raise ValueError("a pieces model needs the words' piece_ids (targets.word_pieces)")
+            return self.gate(context, form, self.pieces_vector(piece_ids), valid.sum(dim=1), (piece_ids >= 0).sum(1))
         if mode in GATED_MODES:  # a = sigmoid(w . [context; form (; log(1 + n))] + b)
             parts = [context, form]
             if mode == "gated":
@@ -294,6 +316,28 @@ class Bertram(nn.Module):
             a = torch.sigmoid(self.gate(torch.cat(parts, dim=-1)))  # (B, 1)
             return a * context + (1 - a) * form
         return context
+
+    @torch.no_grad()
+    def context_vectors(self, features: list[torch.Tensor], batch_words: int = 256) -> torch.Tensor:
+        """(W, D) the context vectors of the words with cached context features (each (n_w, H'); empty: skipped)."""
+        out = []
+        for start in range(0, len(features), batch_words):
+            chunk = [f for f in features[start:start + batch_words] if len(f)]
+            if not chunk:
+                continue
+            word = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor([len(f) for f in chunk]))
+            grouped, valid = group_by_word(torch.cat(chunk).float(), word, len(chunk))
+            weights = self.mimicking(grouped, valid)
+            out.append(self.context_linear((weights.unsqueeze(-1) * grouped).sum(dim=1)))  # (b, D)
+        if not out:
+            raise ValueError("context_vectors: no word with features")
+        return torch.cat(out)
+
+    def pieces_vector(self, piece_ids: torch.Tensor) -> torch.Tensor:
+        """(B, D) mean input embedding of each word's pieces (B, P; -1 pads); zero for a word without any."""
+        valid = piece_ids >= 0  # (B, P)
+        rows = self.encoder.get_input_embeddings()(piece_ids.clamp(min=0))  # (B, P, D)
+        return (rows * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
 
     def encode_contexts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_positions: torch.Tensor,
                         form: torch.Tensor | None = None, context_word: torch.Tensor | None = None) -> torch.Tensor:
@@ -320,8 +364,14 @@ class Bertram(nn.Module):
     # -- fusion -----------------------------------------------------------------------
 
     @classmethod
-    def fuse(cls, form_model: "Bertram", context_model: "Bertram", mode: str = "add") -> "Bertram":
-        """A fused model whose form part comes from `form_model` and context part from `context_model`."""
+    def fuse(cls, form_model: "Bertram", context_model: "Bertram", mode: str = "add",
+             pieces: bool = False, context_vectors: torch.Tensor | None = None,
+             shared: int = SHARED_DIRECTIONS) -> "Bertram":
+        """A fused model whose form part comes from `form_model` and context part from `context_model`
+        (with `pieces`, a gated/shallow model whose third part is the word's pieces; its output lies around
+        the mean of the LM's input rows at their median distance from it, and the directions that
+        `context_vectors` (W, D), the context vectors of training words (`context_vectors`), share are
+        projected out of its context part: `shared_directions`)."""
         if form_model.config.mode != "form" or context_model.config.mode != "context":
             raise ValueError(f"fuse needs a form and a context model, got {form_model.config.mode!r} and "
                              f"{context_model.config.mode!r}")
@@ -334,9 +384,16 @@ class Bertram(nn.Module):
                                ngram_vocab_size=form_model.config.ngram_vocab_size,
                                ngram_dropout=form_model.config.ngram_dropout,
                                encoder_config=context_model.config.encoder_config,
-                               context_features=context_model.config.context_features)
+                               context_features=context_model.config.context_features, pieces=pieces,
+                               shared_directions=shared)
         fused = cls(config, context_model.encoder)
         fused.load_state_dict({**context_model.state_dict(), **form_model.state_dict()}, strict=False)
+        if pieces:
+            rows = fused.encoder.get_input_embeddings().weight.detach()  # (V, D)
+            fused.gate.center.copy_(rows.float().mean(0))
+            if context_vectors is not None:
+                fused.gate.context_directions.copy_(shared_directions(context_vectors, fused.gate.center, shared))
+            fused.gate.log_scale.data.fill_(float((rows.float() - fused.gate.center).norm(dim=-1).median().log()))
         fused.ngram_vocab = form_model.ngram_vocab
         return fused
 
@@ -384,6 +441,78 @@ class Bertram(nn.Module):
         if uses_form(config.mode):
             model.ngram_vocab = NgramVocab.from_json(storage.read_text(storage.join(uri, NGRAMS_NAME)))
         return model.to(device).eval()
+
+
+def shared_directions(vectors: torch.Tensor, center: torch.Tensor, k: int = SHARED_DIRECTIONS) -> torch.Tensor:
+    """(k, D) orthonormal directions that the (W, D) `vectors` share, seen from `center`: towards their mean,
+    then the top k - 1 principal directions of what is left ("all-but-the-top", Mu & Viswanath 2018: the
+    few dominant directions of a frozen encoder's outputs carry little about any one word)."""
+    mean = vectors.float().mean(0) - center.float()
+    first = nn.functional.normalize(mean, dim=0)
+    rest = vectors.float() - center.float()
+    rest = rest - (rest @ first).unsqueeze(-1) * first
+    _, _, vt = torch.linalg.svd(rest - rest.mean(0), full_matrices=False)
+    basis, _ = torch.linalg.qr(torch.cat([first.unsqueeze(0), vt[:k - 1]]).T)  # (D, k)
+    return basis.T.contiguous()
+
+
+class PiecesGate(nn.Module):
+    """Combines the context, form and pieces vectors (B, D) of a `pieces` model.
+
+    Each part's direction gets a softmax weight from a linear layer over a few numbers that say how far
+    to trust it, not over the vectors themselves (a gate that reads 3 x D inputs learns the words of its
+    training domain; these numbers carry over to another): the parts' pairwise cosines (agreement: a
+    context vector far from both form and pieces is likely off), their log norms, log(1 + number of
+    pieces) and, in gated mode, log(1 + number of contexts). A part a word lacks (no contexts, no pieces)
+    gets weight 0. The parts are measured from the centre of the LM's rows (`center`, their mean), and
+    the context part loses its components along `context_directions`, the few directions all context
+    vectors share (`shared_directions`): a context vector that regresses towards its mean when its
+    contexts say little, or drifts along them in another domain, would otherwise pull every word's
+    vector the same way. The output is the centre plus the direction of
+    the weighted sum of the parts' directions times a learned scale (exp(log_scale)), so that it lies
+    among the rows at a row's distance, not at the shrunken norm of a mean. At the start every part
+    weighs 1/3.
+    """
+
+    FEATURES = 8
+
+    def __init__(self, dim: int, counts: bool = True, shared: int = SHARED_DIRECTIONS):
+        super().__init__()
+        self.counts = counts
+        self.linear = nn.Linear(self.FEATURES, 3)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.log_scale = nn.Parameter(torch.zeros(()))
+        self.register_buffer("center", torch.zeros(dim))  # the mean of the LM's input rows (set by Bertram.fuse)
+        # The directions every context vector shares (orthonormal rows: towards the mean context vector of
+        # training words, then their top principal directions; `Bertram.fuse`), projected out of the context
+        # part; zero rows: nothing projected out.
+        self.register_buffer("context_directions", torch.zeros(shared, dim))
+
+    def forward(self, context: torch.Tensor, form: torch.Tensor, pieces: torch.Tensor, n_contexts: torch.Tensor,
+                n_pieces: torch.Tensor | None = None) -> torch.Tensor:
+        units, weights = self.weigh(context, form, pieces, n_contexts, n_pieces)
+        mixed = (weights.unsqueeze(-1) * units).sum(1)  # (B, D)
+        return nn.functional.normalize(mixed, dim=-1) * self.log_scale.exp() + self.center
+
+    def weigh(self, context: torch.Tensor, form: torch.Tensor, pieces: torch.Tensor, n_contexts: torch.Tensor,
+              n_pieces: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parts' directions (B, 3, D) and their weights (B, 3): context, form, pieces."""
+        parts = torch.stack([v.float() for v in (context, form, pieces)], 1) - self.center  # (B, 3, D)
+        context = parts[:, 0] - (parts[:, 0] @ self.context_directions.T) @ self.context_directions  # (B, D)
+        parts = torch.cat([context.unsqueeze(1), parts[:, 1:]], 1)
+        norms = parts.norm(dim=-1)  # (B, 3)
+        units = parts / norms.clamp_min(1e-12).unsqueeze(-1)
+        agreement = units @ units.transpose(1, 2)  # (B, 3, 3)
+        n_contexts = n_contexts.to(units.dtype)
+        n_pieces = (pieces.abs().sum(-1) > 0).to(units.dtype) if n_pieces is None else n_pieces.to(units.dtype)
+        features = torch.cat([agreement[:, 0, 1:], agreement[:, 1, 2:], norms.clamp_min(1e-6).log(),
+                              torch.log1p(n_pieces).unsqueeze(-1),
+                              torch.log1p(n_contexts).unsqueeze(-1) * self.counts], dim=-1)  # (B, 8)
+        logits = self.linear(features)  # (B, 3)
+        missing = torch.stack([n_contexts == 0, torch.zeros_like(n_contexts, dtype=torch.bool),
+                               pieces.abs().sum(-1) == 0], -1)  # (B, 3): no contexts, no pieces
+        return units, torch.softmax(logits.masked_fill(missing, float("-inf")), dim=-1)
 
 
 def weights_problem(uri: str) -> str | None:

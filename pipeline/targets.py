@@ -208,6 +208,32 @@ def pieces_without_own_token(tokenizer, words: list[str]) -> list[list[int] | No
     return [pieces.get(w) for w in words]
 
 
+def word_pieces(tokenizer, words: list[str]) -> list[list[int]]:
+    """The pieces that stand for each word when it has no token of its own: its pieces in running text when
+    the tokenizer splits it; the pieces it would get without its own token (`pieces_without_own_token`) when
+    the tokenizer keeps it whole, as for a training or held-out word whose row is its target. Unknown-token
+    pieces are left out; [] where nothing is left (a BERTRAM model with a pieces part then ignores them).
+    Memoised per tokenizer: training, inference and evaluation ask for the same words again."""
+    cache = _PIECES_CACHE.setdefault((getattr(tokenizer, "name_or_path", ""), len(tokenizer)), {})
+    todo = [w for w in dict.fromkeys(words) if w not in cache]
+    if todo:
+        unk = tokenizer.unk_token_id
+        pieces = piece_ids(tokenizer, todo)
+        single = [w for w, p in zip(todo, pieces) if len(p) == 1 and p[0] != unk]
+        try:
+            without = dict(zip(single, pieces_without_own_token(tokenizer, single))) if single else {}
+        except ValueError:  # a tokenizer model whose vocabulary cannot be reduced: no pieces for whole words
+            without = {}
+        for word, p in zip(todo, pieces):
+            if len(p) == 1 and p[0] != unk:
+                p = without.get(word) or []
+            cache[word] = [i for i in p if i != unk]
+    return [cache[w] for w in words]
+
+
+_PIECES_CACHE: dict[tuple[str, int], dict[str, list[int]]] = {}
+
+
 def self_check_words(single: list[str], tokenizer, n: int, seed: int) -> tuple[list[str], list[list[int]]]:
     """A seeded sample of up to n single-token words (letters only) and their pieces without their own token."""
     import random

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline import storage
-from pipeline.batching import encode
+from pipeline.batching import encode, pad_pieces
 from pipeline.model import GATED_MODES, Bertram, NgramVocab, uses_form
 
 STAGES = ("form", "context", "fused")
@@ -119,8 +119,9 @@ def trainable_words(bucket: pa.Table, targets: pa.Table, min_count: int) -> pa.T
     return bucket.append_column("n_contexts", pc.list_value_length(bucket[column]).fill_null(0))
 
 
-def _targets(ref) -> tuple[dict[str, int], np.ndarray]:
-    """Row index and (n, D) vectors of the training targets behind an ObjectRef (or a table), cached per process."""
+def _targets(ref) -> tuple[dict[str, int], np.ndarray, list[list[int]] | None]:
+    """Row index, (n, D) vectors and (with a `pieces` column: a pieces model's fused stage) piece ids of the
+    training targets behind an ObjectRef (or a table), cached per process."""
     if isinstance(ref, pa.Table):
         return _index(ref)
     import ray
@@ -132,13 +133,14 @@ def _targets(ref) -> tuple[dict[str, int], np.ndarray]:
     return _CACHE[key]
 
 
-def _index(targets: pa.Table) -> tuple[dict[str, int], np.ndarray]:
+def _index(targets: pa.Table) -> tuple[dict[str, int], np.ndarray, list[list[int]] | None]:
     vectors = targets["vector"].combine_chunks()
     matrix = vectors.values.to_numpy(zero_copy_only=False).reshape(len(vectors), -1).astype(np.float32)
-    return dict(zip(targets["word"].to_pylist(), range(targets.num_rows))), matrix
+    pieces = targets["pieces"].to_pylist() if "pieces" in targets.column_names else None
+    return dict(zip(targets["word"].to_pylist(), range(targets.num_rows))), matrix, pieces
 
 
-_CACHE: dict[str, tuple[dict[str, int], np.ndarray]] = {}
+_CACHE: dict[str, tuple[dict[str, int], np.ndarray, list[list[int]] | None]] = {}
 
 
 def epoch_bucket_batches(items: dict[str, np.ndarray], targets_ref, sampling: Sampling) -> dict[str, list]:
@@ -147,14 +149,14 @@ def epoch_bucket_batches(items: dict[str, np.ndarray], targets_ref, sampling: Sa
     Output rows (one per batch): epoch, position (of the item in its epoch), index (of the
     batch in the item), owner (the rank that trains on it), words, vectors, contexts (texts,
     one list per word; with cached features, `features` (N, H') and `sizes` (contexts per word)
-    instead).
+    instead), and `pieces` (the words' piece ids) when the targets carry them.
     """
     from pipeline.features import feature_matrix
 
-    row_of, matrix = _targets(targets_ref)
+    row_of, matrix, pieces = _targets(targets_ref)
     words_table = pa.table({"word": list(row_of)})
     columns = ("epoch", "position", "index", "owner", "words", "vectors") + (
-        ("features", "sizes") if sampling.features else ("contexts",))
+        ("features", "sizes") if sampling.features else ("contexts",)) + (("pieces",) if pieces else ())
     out: dict[str, list] = {k: [] for k in columns}
     for epoch, position, bucket, uri in zip(items["epoch"], items["position"], items["bucket"], items["uri"]):
         table = trainable_words(storage.read_parquet(str(uri)), words_table, sampling.min_count)
@@ -171,6 +173,8 @@ def epoch_bucket_batches(items: dict[str, np.ndarray], targets_ref, sampling: Sa
             out["owner"].append(j % sampling.world_size)
             out["words"].append(names)
             out["vectors"].append(matrix[[row_of[w] for w in names]])
+            if pieces:
+                out["pieces"].append([pieces[row_of[w]] for w in names])
             if sampling.features:
                 out["features"].append(np.concatenate([cached[r][idx] for r, idx in batch]))  # (N, H')
                 out["sizes"].append([len(idx) for _, idx in batch])
@@ -182,7 +186,7 @@ def epoch_bucket_batches(items: dict[str, np.ndarray], targets_ref, sampling: Sa
 
 def bucket_words(items: dict[str, np.ndarray], targets_ref, min_count: int) -> dict[str, list]:
     """Ray Data step: the trainable words of each bucket, with count and number of contexts (no text)."""
-    row_of, _ = _targets(targets_ref)
+    row_of = _targets(targets_ref)[0]
     words_table = pa.table({"word": list(row_of)})
     out: dict[str, list] = {"bucket": [], "word": [], "count": [], "n_contexts": []}
     for bucket, uri in zip(items["bucket"], items["uri"]):
@@ -243,12 +247,15 @@ class Collate(NumpyBatchCollateFn):
                        "context_word": torch.repeat_interleave(torch.arange(len(words)), sizes)}
             if uses_form(self.mode):
                 tensors["ngram_ids"] = self.ngram_vocab.encode(words)
+            if "pieces" in batch:
+                tensors["piece_ids"] = pad_pieces([list(p) for p in batch["pieces"][0]])
             tensors["target"] = torch.from_numpy(target)
             tensors["where"] = torch.tensor(where)
             tensors["num_contexts"] = torch.tensor(len(tensors["features"]))
             return tensors
         contexts = [list(c) for c in batch["contexts"][0]]
-        encoded = encode(words, contexts, self.tokenizer, self.mode, self.max_seq_length, self.ngram_vocab)
+        pieces = [list(p) for p in batch["pieces"][0]] if "pieces" in batch else None
+        encoded = encode(words, contexts, self.tokenizer, self.mode, self.max_seq_length, self.ngram_vocab, pieces)
         tensors = dict(encoded.tensors)
         if "context_word" in tensors:  # words whose every context lost the word are dropped
             kept = torch.unique(tensors["context_word"])
@@ -256,8 +263,9 @@ class Collate(NumpyBatchCollateFn):
                 remap = torch.full((len(words),), -1, dtype=torch.long)
                 remap[kept] = torch.arange(len(kept))
                 tensors["context_word"] = remap[tensors["context_word"]]
-                if "ngram_ids" in tensors:
-                    tensors["ngram_ids"] = tensors["ngram_ids"][kept]
+                for name in ("ngram_ids", "piece_ids"):
+                    if name in tensors:
+                        tensors[name] = tensors[name][kept]
                 target = target[kept.numpy()]
             if len(kept) == 0:
                 return {}
@@ -297,16 +305,48 @@ def trainable_parameters(model: Bertram, stage: str, finetune_encoder: bool = Fa
     return names
 
 
-LOSSES = ("mse", "cosine")
+LOSSES = ("mse", "cosine", "contrastive")
+TEMPERATURE = 0.05  # of the contrastive loss: cosines / 0.05
 
 
-def objective(predicted: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+def objective(predicted: torch.Tensor, target: torch.Tensor, kind: str = "mse",
+              rows: torch.Tensor | None = None) -> torch.Tensor:
     """The training loss of (B, D) predictions: MSE (the paper), or 1 - cosine, which ignores the
-    vectors' scale. Under MSE a gate that mixes two noisy vectors is rewarded for shrinking them
-    towards the mean rather than for the right direction (BENCHMARKS.md, "Quality")."""
+    vectors' scale (under MSE a gate that mixes two noisy vectors is rewarded for shrinking them
+    towards the mean rather than for the right direction: BENCHMARKS.md, "Quality"), or `contrastive`."""
+    if kind == "contrastive":
+        return contrastive(predicted, target, rows)
     if kind == "cosine":
         return (1 - F.cosine_similarity(predicted, target, dim=-1)).mean()
     return F.mse_loss(predicted, target)
+
+
+def contrastive(predicted: torch.Tensor, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """What the evaluation ranks, as a loss: the target must be the nearest of the LM's input embeddings
+    `rows` (V, D, unit length) to the prediction by cosine (InfoNCE, temperature `TEMPERATURE`; the row
+    that is the target itself is left out of the negatives), plus (log |predicted| - log |target|)^2, so
+    that the vector also has the norm of a row. Unlike MSE or 1 - cosine, a vector near the centroid of the
+    rows, close to many of them, scores badly: the vectors keep the rows' spread."""
+    if rows is None:
+        raise ValueError("the contrastive loss needs the LM's input embeddings (rows)")
+    unit, goal = F.normalize(predicted, dim=-1), F.normalize(target, dim=-1)  # (B, D)
+    negatives = (unit @ rows.T).masked_fill(goal @ rows.T > 0.999, float("-inf"))  # (B, V)
+    logits = torch.cat([(unit * goal).sum(-1, keepdim=True), negatives], dim=1) / TEMPERATURE  # (B, 1 + V)
+    ranking = F.cross_entropy(logits, torch.zeros(len(unit), dtype=torch.long, device=unit.device))
+    norm = (predicted.norm(dim=-1).clamp_min(1e-6).log() - target.norm(dim=-1).clamp_min(1e-6).log()).pow(2)
+    return ranking + norm.mean()
+
+
+def embedding_rows(model: Bertram, base_model: str) -> torch.Tensor:
+    """(V, D) the LM's input embeddings at unit length (the contrastive loss's candidates): the encoder's
+    when the model has one, else loaded from `base_model`."""
+    if hasattr(model, "encoder"):
+        rows = model.encoder.get_input_embeddings().weight
+    else:
+        from transformers import AutoModel
+
+        rows = AutoModel.from_pretrained(base_model).get_input_embeddings().weight
+    return F.normalize(rows.detach().float(), dim=-1)
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
@@ -364,7 +404,7 @@ class LoopSettings:
     fault_at_step: int | None = None
     checkpoint_interval_s: float = 0.0  # periodic checkpoints (epoch ends, every checkpoint_every steps) at most this often
     context_features: str = "mask"  # how a fresh context model reads a context (model.CONTEXT_FEATURES)
-    loss: str = "mse"  # mse (the paper) | cosine (1 - cosine to the target)
+    loss: str = "mse"  # mse (the paper) | cosine (1 - cosine to the target) | contrastive (against the LM's rows)
 
 
 def build_model(s: LoopSettings) -> tuple[Bertram, object]:
@@ -449,6 +489,7 @@ def train_loop(config: dict) -> None:
         core.encoder.eval()  # frozen: no dropout in the encoder either
 
     resume_after = tuple(progress["position"]) if progress["position"] else None
+    rows = embedding_rows(core, s.base_model).to(device) if s.loss == "contrastive" else None
     collate = Collate(tokenizer, s.mode, s.max_seq_length, core.ngram_vocab, rank, world, resume_after)
     shard = ray.train.get_dataset_shard("train")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16 and device.type == "cuda")
@@ -548,7 +589,7 @@ def train_loop(config: dict) -> None:
         update = (step + 1) % s.grad_accumulation == 0
         with autocast:
             predicted = ddp(**batch)  # (B, D)
-        loss = objective(predicted.float(), target, s.loss)
+        loss = objective(predicted.float(), target, s.loss, rows)
         if world > 1 and not update:
             with ddp.no_sync():
                 (loss / s.grad_accumulation).backward()

@@ -72,7 +72,8 @@ def test_pca_2d_finds_the_plane_the_points_lie_in():
 def test_tables_show_a_dash_for_a_missing_number():
     row = {"model": "m", "contexts": 1, "n": 0, "cosine": float("nan"), "median_rank": float("nan"),
            "hits@10": float("nan")}
-    assert ev.markdown_table([row]).splitlines()[-1] == "| m | 1 | 0 | – | – | – | – | – |"  # no MRR, no spread
+    table = ev.markdown_table([row]).splitlines()
+    assert table[2] == "| m | 1 | 0 | – | – | – | – | – | – |"  # no MRR, no profile, no spread
     scores = {b: {"n": 0, "MRR": None, "P@3": None, "P@10": None, "P@100": None}
               for b in ("rare", "medium", "frequent")}
     scores["all"] = {"n": 2, "MRR": 0.75, "P@3": 1.0, "P@10": 1.0, "P@100": 1.0}
@@ -102,7 +103,27 @@ def test_cosine_and_rank_on_hand_made_vectors_with_known_ranks():
     assert m["n"] == 3
     assert m["cosine"] == pytest.approx((1.0 + 0.6 + 0.0) / 3, abs=1e-6)
     assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3, abs=1e-6)
+    assert 1 / 4 <= m["mrr_ci"][0] < m["mrr"] < m["mrr_ci"][1] <= 1  # 95% over resampled words
     assert (m["median_rank"], m["mean_rank"], m["hits@10"]) == (2.0, pytest.approx(7 / 3), 1.0)
     assert m["spread_true"] == pytest.approx(0.0, abs=1e-6)  # orthogonal true embeddings
     cos_ab, cos_ac, cos_bc = 0.0, 0.5 / (0.5**2 + 0.6**2 + 0.7**2) ** 0.5, 0.36 / (0.5**2 + 0.6**2 + 0.7**2) ** 0.5
     assert m["spread"] == pytest.approx((cos_ab + cos_ac + cos_bc) / 3, abs=1e-6)
+
+
+def test_similarity_profile_sees_geometry_not_only_identity():
+    import torch.nn.functional as F
+
+    from pipeline.evaluate import cosine_and_rank
+
+    torch.manual_seed(0)
+    embedding = torch.randn(500, 16)
+    true_ids = {"a": 3, "b": 7}
+    exact = cosine_and_rank({w: embedding[i] for w, i in true_ids.items()}, true_ids, embedding)
+    assert exact["profile"] > 0.999 and exact["mrr"] == 1.0
+    noisy = cosine_and_rank({w: embedding[i] + 0.5 * torch.randn(16) for w, i in true_ids.items()}, true_ids, embedding)
+    random = cosine_and_rank({w: torch.randn(16) for w in true_ids}, true_ids, embedding)
+    assert 0.3 < noisy["profile"] < 0.999 and abs(random["profile"]) < 0.2
+    # the centroid of the rows: near everything, its profile is not the true row's
+    centroid = cosine_and_rank({w: F.normalize(embedding, dim=-1).mean(0) + 0.01 * embedding[i]
+                                for w, i in true_ids.items()}, true_ids, embedding)
+    assert centroid["profile"] < noisy["profile"]

