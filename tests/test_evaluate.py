@@ -127,3 +127,24 @@ def test_similarity_profile_sees_geometry_not_only_identity():
     centroid = cosine_and_rank({w: F.normalize(embedding, dim=-1).mean(0) + 0.01 * embedding[i]
                                 for w, i in true_ids.items()}, true_ids, embedding)
     assert centroid["profile"] < noisy["profile"]
+
+
+def test_similarity_profile_is_spearman_over_the_other_rows():
+    import torch.nn.functional as F
+
+    from pipeline.evaluate import similarity_profile
+
+    torch.manual_seed(1)
+    table = F.normalize(torch.randn(8, 4), dim=-1)
+    pred = F.normalize(torch.randn(2, 4), dim=-1)
+    ids = torch.tensor([2, 5])
+    got = similarity_profile(pred @ table.T, table, ids)
+
+    def ranks(x):
+        return np.argsort(np.argsort(x)).astype(float)
+
+    for w in range(2):
+        others = [i for i in range(8) if i != int(ids[w])]  # the word's own row left out
+        a = ranks((pred[w] @ table.T).numpy()[others])
+        b = ranks((table[ids[w]] @ table.T).numpy()[others])
+        assert float(got[w]) == pytest.approx(np.corrcoef(a, b)[0, 1], abs=1e-5)
