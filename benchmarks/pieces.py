@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.results, "w") as f:
         f.write(f"# Fused-stage variants on {run}\n\n`python benchmarks/pieces.py --run {run} --eval_corpus "
                 f"{args.eval_corpus} --variants {args.variants}"
-                f"{' --context_loss ' + args.context_loss if args.context_loss else ''}`\n\n")
+                f"{' --context_loss ' + args.context_loss if args.context_loss else ''}"
+                f"{f' --center_contexts --shared_directions {args.shared_directions}' if args.center_contexts else ''}`"
+                "\n\n")
         f.write("fuse + fused training, seconds: " + ", ".join(f"{v} {s:.0f}" for v, s in seconds.items()) + "\n\n")
         for label, table in tables.items():
             f.write(f"## {label}\n\n{table}\n\n")

@@ -286,9 +286,10 @@ def _summary(config: RunConfig, stages: _Stages, out: dict[str, str], results: d
     """Time per stage, the OTA self-check, the evaluation table, the plots, a few rare words' neighbours, and
     how to load the augmented model: what a user acts on, last."""
     log("pipeline summary:")
+    width = max([12] + [len(row[0]) for row in stages.rows])
     for name, seconds, output, what in stages.rows:
-        log(f"  {name:<12} {seconds:8.1f}s  {output}  {what}")
-    log(f"  {'total':<12} {sum(r[1] for r in stages.rows):8.1f}s")
+        log(f"  {name:<{width}} {seconds:8.1f}s  {output}  {what}")
+    log(f"  {'total':<{width}} {sum(r[1] for r in stages.rows):8.1f}s")
     check = results.get("targets", {}).get("ota_check")
     if check and not check.get("words"):
         log("OTA self-check: no single-token target word could be split into pieces without its own token")
