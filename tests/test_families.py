@@ -99,6 +99,49 @@ def test_every_mode_learns_saves_and_reloads(tiny_families, family, tmp_path):
             assert torch.allclose(again(**batch), model(**batch), atol=1e-5), mode
 
 
+@FAMILY
+def test_the_pieces_model_reads_each_familys_pieces_and_learns_with_the_contrastive_loss(tiny_families, family,
+                                                                                        tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipeline.batching import encode
+    from pipeline.targets import split_by_pieces, word_pieces
+    from pipeline.train import embedding_rows, objective, trainable_parameters
+
+    path = str(tiny_families(family))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ngrams = NgramVocab.build(TINY_WORDS * 4 + ["kumquat"] * 4, min_count=2)
+    torch.manual_seed(0)
+    form = Bertram.create("form", path, ngrams, ngram_dropout=0.0)
+    context = Bertram.create("context", path)
+    words = ["kumquat", "apple"]
+    pieces = word_pieces(tokenizer, words)
+    (_, [apple_id], [_], [kumquat_pieces]) = split_by_pieces(words, tokenizer)
+    assert pieces[0] == kumquat_pieces  # split already: its own pieces
+    assert len(pieces[1]) >= 2 and apple_id not in pieces[1]  # whole: the pieces without its own token
+    features = [torch.randn(3, context.encoder.config.hidden_size) for _ in range(6)]
+    model = Bertram.fuse(form, context, "gated", pieces=True, context_vectors=context.context_vectors(features))
+    batch = encode(words, [CONTEXTS[w] for w in words], tokenizer, "gated", 32, ngrams, pieces).tensors
+    rows = embedding_rows(model, path)
+    target = model.encoder.get_input_embeddings().weight.detach()[[apple_id, apple_id]]
+    params = [p for n, p in model.named_parameters() if n in trainable_parameters(model, "fused")]
+    optimizer = torch.optim.Adam(params, lr=5e-2)
+    model.train()
+    model.encoder.eval()
+    losses = []
+    for _ in range(5):
+        loss = objective(model(**batch), target, "contrastive", rows)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+    model.eval()
+    model.save_pretrained(str(tmp_path / "pieces"), tokenizer=tokenizer)
+    with torch.no_grad():
+        assert torch.allclose(Bertram.from_pretrained(str(tmp_path / "pieces"))(**batch), model(**batch), atol=1e-5)
+
+
 # Run in a fresh process on the augmented model: plain transformers only (no project code).
 _RELOAD = """
 import json, sys
