@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="+pieces: measure the context part from its mean vector (jobs.fuse --features)")
     parser.add_argument("--shared_directions", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=None, help="of the fused stage (default: jobs.train's)")
     parser.add_argument("--max_seq_length", type=int, default=48)
     parser.add_argument("--counts", default="1,4,16")
     parser.add_argument("--results", default=RESULTS)
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                         shared_directions=args.shared_directions))
         train(TrainConfig(stage="fused", init=init, features=f"{run}/features", preprocessed=f"{run}/preprocessed",
                           targets=f"{run}/targets", model=args.model, output=out, loss=loss, epochs=args.epochs,
+                          lr=args.lr,
                           max_seq_length=args.max_seq_length, exclude_words=f"{run}/heldout.txt",
                           only_words=f"{run}/fusion_words.txt" if storage.exists(f"{run}/fusion_words.txt") else None))
         seconds[variant] = time.time() - t0
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         f.write(f"# Fused-stage variants on {run}\n\n`python benchmarks/pieces.py --run {run} --eval_corpus "
                 f"{args.eval_corpus} --variants {args.variants}"
                 f"{' --context_loss ' + args.context_loss if args.context_loss else ''}"
-                f"{f' --center_contexts --shared_directions {args.shared_directions}' if args.center_contexts else ''}`"
+                f"{f' --center_contexts --shared_directions {args.shared_directions}' if args.center_contexts else ''}"
+                f"{f' --lr {args.lr}' if args.lr else ''}{f' --epochs {args.epochs}' if args.epochs != 20 else ''}`"
                 "\n\n")
         f.write("fuse + fused training, seconds: " + ", ".join(f"{v} {s:.0f}" for v, s in seconds.items()) + "\n\n")
         for label, table in tables.items():
