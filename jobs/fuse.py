@@ -1,12 +1,16 @@
 """Fuse a form model and a context model into one fused BERTRAM model (before the fused stage).
 
     python -m jobs.fuse --form out/form --context out/context --mode add --output out/fused-init
+    python -m jobs.fuse --form out/form --context out/context --mode gated --pieces true \
+        --features out/features --output out/fused-init
 
 The fused model takes the form model's n-gram embeddings and the context model's
 encoder, attentive mimicking and output layer; `--mode` says how the form vector enters:
 `add` / `add-quotes` (as an extra input token), `replace` (in place of the mask token),
 `shallow` (a learned gate mixes the two vectors after the encoder), `gated` (the same gate,
-which also reads the number of contexts). Writes the model and `manifest.json`.
+which also reads the number of contexts). With `--pieces` (shallow, gated) the word's pieces are a
+third part, and with `--features` the directions all context vectors share are projected out of the
+context part (`Bertram.fuse`, `model.PiecesGate`). Writes the model and `manifest.json`.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class FuseConfig:
     """With --pieces: cached features of training words (jobs.features); the few directions their context vectors share (their mean, top principal directions) are projected out of the context part."""
     shared_directions: int = 3
     """With --features: how many shared directions (their mean, then the top principal ones) are projected out."""
-    centroid_words: int = 2000
+    direction_words: int = 2000
     """With --features: at most this many words (the first of each bucket) give those directions."""
     output: str
     """Output URI of the fused model."""
@@ -92,7 +96,7 @@ def fuse(config: FuseConfig) -> dict:
         return manifest.read(config.output)
     started = time.time()
     form, context = _load(config.form, "--form", "form"), _load(config.context, "--context", "context")
-    vectors = training_context_vectors(context, config.features, config.centroid_words) \
+    vectors = training_context_vectors(context, config.features, config.direction_words) \
         if config.pieces and config.features else None
     fused = Bertram.fuse(form, context, config.mode, pieces=config.pieces, context_vectors=vectors,
                          shared=config.shared_directions)
