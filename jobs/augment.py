@@ -52,10 +52,16 @@ class AugmentConfig:
     """auto (the masked-LM head when the checkpoint has one, else none) | masked_lm | base (no head)."""
     plain_words: bool = True
     """Also map each plain word (whole word; case as the tokenizer) to its vector, so unmodified text uses it."""
+    whole_words: str = "keep"
+    """Words the tokenizer keeps as one token (it has their own row): keep that row | replace it by the vector |
+    combine (their mean). keep: the row is what BERTRAM learns to imitate, and on held-out single-token words the
+    model's outputs with it are the reference every vector is scored against (jobs.evaluate, downstream)."""
     overwrite: bool = False
     """Redo even if --output already holds a complete result."""
 
     def __post_init__(self) -> None:
+        if self.whole_words not in lib.WHOLE_WORDS:
+            raise ConfigError(f"--whole_words must be one of {', '.join(lib.WHOLE_WORDS)}, got {self.whole_words!r}")
         if self.head not in HEADS:
             raise ConfigError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if not self.output:
@@ -147,6 +153,8 @@ def augment(config: AugmentConfig) -> dict:
     by_word = dict(zip(words, vectors))
     tokens = lib.add_word_vectors_to_model(by_word, tokenizer, model)
     plain = lib.add_plain_words(by_word, tokenizer, model) if config.plain_words else {}
+    whole = lib.set_whole_word_rows(by_word, tokenizer, model, config.whole_words)
+    unreached = lib.reach(words, plain, whole) if config.plain_words else {}
     layout = lib.sentence_transformer_layout(path)
     if layout and lib.transformer_module(layout[1]) is None:
         log("augment: warning: the model's modules.json has no single Transformer module; saving it as a plain "
@@ -164,13 +172,14 @@ def augment(config: AugmentConfig) -> dict:
     out = manifest.write(output, "augment", to_dict(config), started, inputs=inputs, model_path=path, head=head,
                          dim=dim, vocab_size_before=vocab_size, vocab_size=len(tokenizer), tokens_added=len(tokens),
                          tokens=tokens, plain_words=len(set(plain.values())), plain_forms=len(plain),
+                         whole_word_rows=len(whole), reached=len(words) - len(unreached) if config.plain_words else None,
+                         unreached=unreached,
                          sentence_transformers=bool(layout), example_word=shown, usage=usage)
     log(f"augment: {len(tokens)} tokens <BERTRAM:w> added to {config.model} ({head}) -> {storage.redact(output)}")
     if config.plain_words:
-        reached = len(set(plain.values()))
-        log(f"augment: plain text reaches {reached} of {len(words)} words ({len(plain)} forms)"
-            + (f"; the other {len(words) - reached} are one token of the tokenizer already (their own row stays) "
-               "or hold a space (rewrite them to <BERTRAM:w>: pipeline.infer.rewrite)" if reached < len(words) else ""))
+        log(f"augment: plain text reaches {len(words) - len(unreached)} of {len(words)} words ({len(plain)} new "
+            f"forms{f', {len(whole)} own rows {config.whole_words}d' if whole else ''})"
+            + (f"; not: {lib.describe_unreached(unreached)} (manifest.json: unreached)" if unreached else ""))
     log(f"augment: use it with {usage}")
     return out
 

@@ -7,7 +7,10 @@
 
 Reconstruction (with --heldout and --contexts): the vectors of held-out single-token words,
 inferred from 1, 4, 16 of their contexts by --bertram and every --compare model, against
-their true input embeddings, next to the mean-of-word-pieces baseline. WNLaMPro (with
+their true input embeddings, next to the mean-of-word-pieces baseline; and downstream (unless
+--downstream false), what the language model itself computes with each held-out word as its
+pieces, as the mean of its pieces, or as one token carrying its BERTRAM vector, against its true
+token, in sentences BERTRAM did not read (pipeline/downstream.py). WNLaMPro (with
 --wnlampro, a file in the published format): the masked LM --model ranks the relatives of
 key words, plain and with --bertram's vectors for the key words (from their contexts in
 --contexts, else from their form). --model must then have a trained masked-LM head.
@@ -27,7 +30,7 @@ import torch
 
 from jobs.common import log, main
 from pipeline import evaluate as ev
-from pipeline import infer, manifest, storage, targets, wnlampro
+from pipeline import downstream, infer, manifest, storage, targets, wnlampro
 from pipeline.config import ConfigError, to_dict
 from pipeline.model import autocast, uses_form
 
@@ -58,6 +61,17 @@ class EvaluateOptions:
     """Tokens per context when inferring vectors (as in training: longer contexts are cut around the word)."""
     bf16: bool = True
     """Infer the held-out vectors under bf16 autocast on a GPU or a CPU with bf16 units, as jobs.infer does."""
+    downstream: bool = True
+    """With --heldout: also score the language model's outputs (sentence embedding, word-position state) with each
+    held-out word as its pieces, as the mean of its pieces, and as one token carrying its BERTRAM vector, against
+    the outputs with its true token, in sentences BERTRAM did not read (pipeline/downstream.py)."""
+    downstream_counts: list[int] = field(default_factory=lambda: [1, 8, 16])
+    """Numbers of contexts the downstream vectors are inferred from (at most what a word has beyond its scored
+    sentences)."""
+    downstream_sentences: int = 8
+    """Sentences per held-out word scored downstream (at most half its contexts; the rest are what BERTRAM reads)."""
+    downstream_max_length: int = 64
+    """Tokens per scored sentence (a sentence whose first tokens do not hold the word is not scored)."""
 
     def __post_init__(self) -> None:
         if not self.counts or any(n < 1 for n in self.counts):
@@ -69,6 +83,12 @@ class EvaluateOptions:
         bad = [s for s in self.styles if s not in infer.STYLES]
         if bad or not self.styles:
             raise ConfigError(f"--styles must be a list of {', '.join(infer.STYLES)}, got {self.styles}")
+        if not self.downstream_counts or any(n < 1 for n in self.downstream_counts):
+            raise ConfigError(f"--downstream_counts must be numbers of contexts >= 1, e.g. 1,8,16; got "
+                              f"{self.downstream_counts}")
+        if self.downstream_sentences < 1 or self.downstream_max_length < 8:
+            raise ConfigError(f"--downstream_sentences must be >= 1 and --downstream_max_length >= 8, got "
+                              f"{self.downstream_sentences} and {self.downstream_max_length}")
         if self.wnlampro_contexts < 1 or self.batch_size < 1:
             raise ConfigError(f"--wnlampro_contexts and --batch_size must be >= 1, got {self.wnlampro_contexts} "
                               f"and {self.batch_size}")
@@ -156,9 +176,13 @@ def evaluate(config: EvaluateConfig) -> dict:
                                                       for name, uri in models.items()}}
     plots: dict[str, bytes] = {}
     if heldout is not None:
-        embedding = AutoModel.from_pretrained(model_path).get_input_embeddings().weight.detach().float().cpu()
+        contexts = infer.read_contexts(config.contexts, words=heldout)
+        lm = AutoModel.from_pretrained(model_path).eval()
+        embedding = lm.get_input_embeddings().weight.detach().float().cpu()
         with autocast(device, config.bf16):
-            report["reconstruction"], plots = _reconstruction(config, heldout, loaded, tokenizer, embedding)
+            report["reconstruction"], plots = _reconstruction(config, heldout, contexts, loaded, tokenizer, embedding)
+        if config.downstream:
+            report["downstream"] = _downstream(config, contexts, loaded[MAIN], lm.to(device), tokenizer, model_path)
     if entries is not None:
         report["wnlampro"] = _wnlampro(config, entries, loaded[MAIN], lm, tokenizer, device)
 
@@ -169,6 +193,8 @@ def evaluate(config: EvaluateConfig) -> dict:
     summary = {}
     if "reconstruction" in report:
         summary["reconstruction_words"] = report["reconstruction"]["words"]["evaluated"]
+    if "downstream" in report:
+        summary["downstream_words"] = report["downstream"]["words"]
     if "wnlampro" in report:
         summary["wnlampro_entries"] = report["wnlampro"]["entries"]
     out = manifest.write(output, "evaluate", to_dict(config), started, inputs=inputs, **summary,
@@ -254,9 +280,8 @@ def _masked_lm(name: str, path: str):
 # The two evaluations
 
 
-def _reconstruction(config: EvaluateConfig, heldout: list[str], loaded: dict, tokenizer,
-                    embedding: torch.Tensor) -> tuple[dict, dict[str, bytes]]:
-    contexts = infer.read_contexts(config.contexts, words=heldout)
+def _reconstruction(config: EvaluateConfig, heldout: list[str], contexts: dict[str, list[str]], loaded: dict,
+                    tokenizer, embedding: torch.Tensor) -> tuple[dict, dict[str, bytes]]:
     usable, not_single, no_contexts = ev.split_heldout(heldout, contexts, tokenizer)
     if not usable:
         raise ConfigError(f"none of the {len(heldout)} --heldout words is a single token of --model with a context "
@@ -288,6 +313,29 @@ def _reconstruction(config: EvaluateConfig, heldout: list[str], loaded: dict, to
                                        embedding[[ids[w] for w in words]].numpy(),
                                        f"{MAIN} ({config.bertram}) from {n} contexts vs true input embeddings")
     return result, plots
+
+
+def _downstream(config: EvaluateConfig, contexts: dict[str, list[str]], main_model: tuple, lm, tokenizer,
+                model_path: str) -> dict:
+    """The language model's outputs with the held-out words as pieces, mean of pieces and BERTRAM tokens."""
+    t0 = time.time()
+    own, pieces = downstream.word_inputs(tokenizer, list(contexts))
+    split = downstream.split_sentences({w: contexts[w] for w in own}, config.downstream_sentences, config.seed)
+    with torch.inference_mode():
+        vectors = {f"{MAIN}, {n} contexts": infer.infer_vectors(*main_model, {w: pool[:n] for w, (pool, _) in split.items()},
+                                                               max_seq_length=config.max_seq_length)
+                   for n in config.downstream_counts}
+    pooling = downstream.pooling_of(model_path)
+    result = downstream.fidelity(lm, tokenizer, vectors, {w: s[1] for w, s in split.items()}, pieces, own, pooling,
+                                 config.downstream_max_length)
+    rows = downstream.summary_rows(result)
+    for r in rows:
+        log(f"evaluate: downstream, {r['input']}: sentence cosine {r['sentence_cosine']:.4f}, word position "
+            f"{r['token_cosine']:.3f}")
+    log(f"evaluate: downstream fidelity of {len(result['words'])} held-out words in {result['sentences']} sentences "
+        f"({time.time() - t0:.0f} s)")
+    return {"pooling": pooling, "words": len(result["words"]), "sentences": result["sentences"],
+            "max_length": config.downstream_max_length, "row_norm": result["row_norm"], "rows": rows}
 
 
 def _wnlampro(config: EvaluateConfig, entries: list[wnlampro.Entry], main_model: tuple, lm, tokenizer,
@@ -347,6 +395,14 @@ def _markdown(config: EvaluateConfig, report: dict, plots: list[str]) -> str:
         if "pca.png" in plots:
             lines += ["", f"PCA of inferred ({MAIN}, {max(config.counts)} contexts) and true vectors of a sample "
                       "of held-out words; a line joins each word's two points.", "", "![PCA](pca.png)"]
+    if report.get("downstream", {}).get("rows"):
+        lines += ["", "## Downstream: the language model's outputs", "",
+                  "What the language model computes with each held-out word in sentences BERTRAM did not read: the "
+                  "word as the pieces it would get without its token (the model without BERTRAM), as one token "
+                  "carrying the mean of those pieces' rows (control), and as one token carrying its BERTRAM vector "
+                  "(what the augmented model does with the plain word).", "",
+                  downstream.markdown_table(report["downstream"]["rows"], report["downstream"]["pooling"],
+                                            report["downstream"]["row_norm"])]
     if "wnlampro" in report:
         wn = report["wnlampro"]
         lines += ["", "## WNLaMPro", "",

@@ -8,19 +8,23 @@ Stages, each into its own directory under --output:
 
     preprocessed/   corpus → vocabulary + context buckets of the frequent words   (jobs.preprocess)
     targets/        their input embeddings / One-Token-Approximations           (jobs.targets)
-    heldout.txt     a seeded share of the single-token targets, never trained on
+    heldout.txt     a seeded share of the single-token targets, never trained on, and your
+                    --heldout words that are one token of the model
+    excluded.txt    with --heldout words the model splits: heldout.txt + those words
     fusion_words.txt  gated/shallow fusion: a seeded share of the other targets that only
                     the fused stage trains on (form and context never see them, so the gate
                     learns how far to trust each part on words it has not memorised)
-    excluded_from_parts.txt  heldout.txt + fusion_words.txt: what form and context exclude
+    excluded_from_parts.txt  heldout.txt (excluded.txt) + fusion_words.txt: what form and context exclude
     features/       cached frozen-encoder features of the training contexts    (jobs.features)
     form/           form model (corpus targets + the LM's whole-word tokens)   (jobs.train --stage form)
     context/        context model, trained on features/                        (jobs.train --stage context)
     fused-init/     the two combined                                           (jobs.fuse)
     fused/          the fused model, the final BERTRAM model                   (jobs.train --stage fused)
-    rare_words.txt  the words to infer: --words, or the corpus's own rare words
+    rare_words.txt  the words to infer: the corpus's own rare words (those the model splits), or
+                    --words; with your --heldout words the model splits
     vectors/        their vectors: vectors.parquet, vectors.txt                (jobs.infer)
     augmented/      the language model with a <BERTRAM:w> token per word       (jobs.augment)
+    heldout-contexts/  with --heldout: the held-out words' contexts, any count      (jobs.preprocess --words)
     evaluation/     report.md / report.json / PNGs                              (jobs.evaluate)
     eval-corpus/    with --eval_corpus: the held-out words' contexts in another corpus (jobs.preprocess --words)
     evaluation-eval-corpus/  the same evaluation with those contexts: another domain   (jobs.evaluate)
@@ -38,6 +42,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.augment import AugmentConfig, augment
@@ -49,8 +54,10 @@ from jobs.features import compute as compute_features
 from jobs.fuse import FuseConfig, fuse
 from jobs.infer import InferConfig, InferOptions, infer
 from jobs.preprocess import PreprocessConfig, PreprocessOptions, preprocess
+from jobs.preprocess import read_words as read_corpus_words
 from jobs.targets import TargetsConfig, TargetsOptions, compute_targets
 from jobs.train import TrainConfig, TrainOptions, train
+from pipeline import augment as augment_lib
 from pipeline import evaluate as ev
 from pipeline import storage, vocab
 from pipeline.config import ConfigError
@@ -74,6 +81,13 @@ class RunConfig:
     """Without --words: infer this many of the most frequent words below min_count_target (and >= rare_min_count)."""
     rare_min_count: int = 5
     """Without --words: rare words occur at least this often in the corpus."""
+    rare_split_only: bool = True
+    """Without --words: choose only words the model's tokenizer splits into pieces (the words that need a vector; a
+    word it keeps whole has its own row, which the augmented model keeps: --whole_words)."""
+    heldout: str | None = None
+    """Your own evaluation words (one per line), kept out of the training of every stage (the form stage's
+    vocabulary words included). Those that are one token of the model are evaluated with the run's held-out words
+    (their contexts, any count: heldout-contexts/); the others are inferred and listed with their neighbours."""
     holdout_fraction: float = 0.05
     """Share of the single-token target words held out of training for the reconstruction evaluation (0: none)."""
     fuse_mode: str = "gated"
@@ -86,6 +100,8 @@ class RunConfig:
     """Train the context stage (and a gated/shallow fused stage) on cached frozen-encoder features (features/)."""
     plain_words: bool = True
     """The augmented tokenizer maps each plain rare word (whole word) to its vector, not only <BERTRAM:w>."""
+    whole_words: str = "keep"
+    """Inferred words the tokenizer keeps as one token: keep their row | replace it by the vector | combine (mean)."""
     eval_corpus: str | None = None
     """Optional second corpus (another domain): the held-out words are also evaluated with their contexts there (evaluation-eval-corpus/)."""
     wnlampro: str | None = None
@@ -149,7 +165,8 @@ def run(config: RunConfig) -> dict:
     resolve_model(config.model)  # a model BERTRAM cannot serve is refused before the corpus is read
     out = {name: storage.join(config.output, name) for name in
            ("preprocessed", "targets", "features", "form", "context", "fused-init", "fused", "vectors", "augmented",
-            "evaluation", "eval-corpus", "evaluation-eval-corpus", "heldout.txt", "fusion_words.txt", "excluded_from_parts.txt", "rare_words.txt")}
+            "evaluation", "eval-corpus", "evaluation-eval-corpus", "heldout-contexts", "heldout.txt", "excluded.txt",
+            "fusion_words.txt", "excluded_from_parts.txt", "rare_words.txt")}
     common = dict(overwrite=config.overwrite, num_cpus=config.num_cpus)
     stages = _Stages()
     results: dict[str, dict] = {}
@@ -162,11 +179,14 @@ def run(config: RunConfig) -> dict:
         **common)), lambda m: f"{m['embedding_targets']} embeddings, {m['ota_targets']} OTA, "
         f"{m.get('mean_targets', 0)} mean of pieces, {m.get('skipped_multi_token', 0)} multi-token skipped")
 
-    heldout = _write_heldout(config, out["targets"], out["heldout.txt"])
-    fusion = _write_fusion_words(config, out, heldout)
-    parts_excluded = _write_words(out["excluded_from_parts.txt"], sorted(set(heldout) | set(fusion)))
+    mine, mine_split = _user_heldout(config)
+    heldout = _write_heldout(config, out["targets"], out["heldout.txt"], mine)
+    if mine_split:  # what every stage excludes: the evaluated words and your words the model splits
+        _write_words(out["excluded.txt"], sorted(set(heldout) | set(mine_split)))
+    fusion = _write_fusion_words(config, out, heldout + mine_split)
+    parts_excluded = _write_words(out["excluded_from_parts.txt"], sorted(set(heldout) | set(mine_split) | set(fusion)))
     base = dict(preprocessed=out["preprocessed"], targets=out["targets"], model=config.model, **common)
-    heldout_file = out["heldout.txt"] if heldout else None
+    heldout_file = out["excluded.txt"] if mine_split else out["heldout.txt"] if heldout else None
     if config.cache_features:
         results["features"] = stages.run("features", out["features"], lambda: compute_features(FeaturesConfig(
             **vars(config.features), output=out["features"], exclude_words=heldout_file, **base)),
@@ -191,19 +211,25 @@ def run(config: RunConfig) -> dict:
         only_words=out["fusion_words.txt"] if fusion else None,
         features=features if reads_cached_features(config.fuse_mode) else None, **base)), describe_training)
 
-    words_uri = config.words or _write_rare_words(config, out["preprocessed"], out["rare_words.txt"])
+    words_uri = _write_rare_words(config, out["preprocessed"], out["rare_words.txt"], mine_split)
     results["infer"] = stages.run("infer", out["vectors"], lambda: infer(InferConfig(
         **vars(config.infer), bertram=out["fused"], words=words_uri, corpus=config.corpus, output=out["vectors"],
         **common)), lambda m: f"{m.get('words')} words")
     results["augment"] = stages.run("augment", out["augmented"], lambda: augment(AugmentConfig(
         vectors=out["vectors"], model=config.model, output=out["augmented"], plain_words=config.plain_words,
-        overwrite=config.overwrite)),
+        whole_words=config.whole_words, overwrite=config.overwrite)),
         lambda m: f"{len(m.get('tokens', []))} <BERTRAM:w> tokens, {m.get('plain_words', 0)} plain words")
+    contexts = out["preprocessed"]
+    if heldout and mine:  # your words have contexts whatever their count: gathered for every evaluated word
+        contexts = out["heldout-contexts"]
+        results["heldout-contexts"] = stages.run("heldout-contexts", contexts, lambda: preprocess(PreprocessConfig(
+            **{**vars(config.preprocess), "min_count_target": 1}, corpus=config.corpus, words=out["heldout.txt"],
+            output=contexts, **common)), lambda m: f"{m['target_words']} held-out words")
     if heldout or config.wnlampro:
         results["evaluate"] = stages.run("evaluate", out["evaluation"], lambda: evaluate(EvaluateConfig(
             **vars(config.evaluate), bertram=out["fused"], compare=[f"form={out['form']}", f"context={out['context']}"],
             model=config.model, output=out["evaluation"], heldout=out["heldout.txt"] if heldout else None,
-            contexts=out["preprocessed"], wnlampro=config.wnlampro, overwrite=config.overwrite)))
+            contexts=contexts, wnlampro=config.wnlampro, overwrite=config.overwrite)))
     if heldout and config.eval_corpus:
         results["eval-corpus"] = stages.run("eval-corpus", out["eval-corpus"], lambda: preprocess(PreprocessConfig(
             **{**vars(config.preprocess), "min_count_target": 1}, corpus=config.eval_corpus, words=out["heldout.txt"],
@@ -215,25 +241,45 @@ def run(config: RunConfig) -> dict:
                 output=out["evaluation-eval-corpus"], heldout=out["heldout.txt"], contexts=out["eval-corpus"],
                 overwrite=config.overwrite)))
 
-    _summary(config, stages, out, results)
+    _summary(config, stages, out, results, mine, mine_split)
     return results
 
 
-def _write_heldout(config: RunConfig, targets_uri: str, uri: str) -> list[str]:
-    """The held-out words (a seeded share of the single-token targets), written to `uri`; [] when none."""
-    if config.holdout_fraction == 0:
-        return []
+def _user_heldout(config: RunConfig) -> tuple[list[str], list[str]]:
+    """(your --heldout words, those of them the model's tokenizer splits); ([], []) without --heldout."""
+    if not config.heldout:
+        return [], []
+    from transformers import AutoTokenizer
+
+    words = read_corpus_words(config.heldout, config.preprocess.lowercase)
+    single = ev.single_token_ids(words, AutoTokenizer.from_pretrained(resolve_model(config.model, check=False)))
+    split = [w for w in words if w not in single]
+    log(f"run: --heldout {storage.redact(config.heldout)}: {len(words)} words kept out of every stage's training; "
+        f"{len(words) - len(split)} one token of the model (evaluated), {len(split)} split (inferred)")
+    return words, split
+
+
+def _write_heldout(config: RunConfig, targets_uri: str, uri: str, mine: list[str] = ()) -> list[str]:
+    """The held-out words, written to `uri`: a seeded share of the single-token targets other than your
+    --heldout words, and your words that are one token of the model; [] when none."""
     table = storage.read_parquet(storage.join(targets_uri, "targets.parquet"))
     single = table.filter(pc.equal(table["source"], "embedding"))["word"].to_pylist()
-    if len(single) < 2:
-        log(f"run: only {len(single)} single-token target words; no held-out evaluation")
-        return []
-    words = ev.hold_out(single, config.holdout_fraction, seed=config.preprocess.seed)
-    text = "\n".join(words) + "\n"
-    if not storage.exists(uri) or storage.read_text(uri) != text:  # unchanged: training stays resumable
-        storage.write_text(uri, text)
-    log(f"run: {len(words)} of {len(single)} single-token target words held out of training -> {storage.redact(uri)}")
-    return words
+    own = [w for w in single if w not in set(mine)]
+    if config.holdout_fraction == 0:
+        words = []
+    elif len(own) < 2:
+        log(f"run: only {len(own)} single-token target words; no held-out sample of them")
+        words = []
+    else:
+        words = ev.hold_out(own, config.holdout_fraction, seed=config.preprocess.seed)
+        log(f"run: {len(words)} of {len(own)} single-token target words held out of training -> "
+            f"{storage.redact(uri)}")
+    if mine:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model, check=False))
+        words = sorted(set(words) | set(ev.single_token_ids(mine, tokenizer)))
+    return _write_words(uri, words)
 
 
 def _write_words(uri: str, words: list[str]) -> list[str]:
@@ -266,23 +312,45 @@ def _write_fusion_words(config: RunConfig, out: dict[str, str], heldout: list[st
     return _write_words(out["fusion_words.txt"], words)
 
 
-def _write_rare_words(config: RunConfig, preprocessed: str, uri: str) -> str:
-    """The corpus's rare words: the `rare_words` most frequent with rare_min_count <= count < min_count_target."""
+def _write_rare_words(config: RunConfig, preprocessed: str, uri: str, also: list[str]) -> str:
+    """The words file to infer: --words as it is, else the corpus's rare words (`_rare_words`); with `also`
+    (your --heldout words the model splits) added, written to `uri`."""
+    if config.words and not also:
+        return config.words
+    words = read_corpus_words(config.words, config.preprocess.lowercase) if config.words else \
+        _rare_words(config, preprocessed)
+    _write_words(uri, list(dict.fromkeys(words + also)))
+    return uri
+
+
+def _rare_words(config: RunConfig, preprocessed: str) -> list[str]:
+    """The corpus's rare words: the `rare_words` most frequent with rare_min_count <= count < min_count_target,
+    with --rare_split_only only those the model's tokenizer splits (a whole-word token has its own row)."""
     table = vocab.read_vocab(preprocessed)
     rare = table.filter(pc.and_(pc.greater_equal(table["count"], config.rare_min_count),
                                 pc.less(table["count"], config.preprocess.min_count_target)))
     rare = rare.filter(pc.match_substring_regex(rare["word"], r"^[^\W\d_][\w'-]*[^\W_]$"))  # words, not numbers or punctuation
-    rare = rare.sort_by([("count", "descending"), ("word", "ascending")]).slice(0, config.rare_words)
+    rare = rare.sort_by([("count", "descending"), ("word", "ascending")])
+    passed = 0
+    if config.rare_split_only and rare.num_rows:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model, check=False))
+        whole = set(ev.single_token_ids(rare["word"].to_pylist(), tokenizer))
+        keep = pc.invert(pc.is_in(rare["word"], pa.array(sorted(whole), pa.string())))
+        passed, rare = len(whole), rare.filter(keep)
+    rare = rare.slice(0, config.rare_words)
     if rare.num_rows == 0:
         raise ConfigError(f"the corpus has no words with {config.rare_min_count} <= count < "
-                          f"{config.preprocess.min_count_target} to infer; pass --words FILE or lower --rare_min_count")
-    storage.write_text(uri, "\n".join(rare["word"].to_pylist()) + "\n")
-    log(f"run: {rare.num_rows} rare words (counts {rare['count'][-1].as_py()}..{rare['count'][0].as_py()}) "
-        f"-> {storage.redact(uri)}")
-    return uri
+                          f"{config.preprocess.min_count_target}{' that the model splits' if passed else ''} to infer; "
+                          "pass --words FILE or lower --rare_min_count")
+    log(f"run: {rare.num_rows} rare words (counts {rare['count'][-1].as_py()}..{rare['count'][0].as_py()}"
+        + (f"; {passed} one token of the model passed over: --rare_split_only" if passed else "") + ")")
+    return rare["word"].to_pylist()
 
 
-def _summary(config: RunConfig, stages: _Stages, out: dict[str, str], results: dict[str, dict]) -> None:
+def _summary(config: RunConfig, stages: _Stages, out: dict[str, str], results: dict[str, dict],
+             mine: list[str] = (), mine_split: list[str] = ()) -> None:
     """Time per stage, the OTA self-check, the evaluation table, the plots, a few rare words' neighbours, and
     how to load the augmented model: what a user acts on, last."""
     log("pipeline summary:")
@@ -315,6 +383,17 @@ def _summary(config: RunConfig, stages: _Stages, out: dict[str, str], results: d
         log("nearest vocabulary tokens of a few inferred rare words:")
     for word, tokens in neighbours.items():
         log(f"  {word}: {', '.join(tokens)}")
+    if mine:
+        log(f"your --heldout words: {len(mine) - len(mine_split)} one token of the model, scored in the evaluation "
+            f"above; {len(mine_split)} split by it, excluded from every stage and inferred"
+            + (" (nearest vocabulary tokens):" if mine_split else ""))
+        for word, tokens in nearest_neighbours(out["vectors"], config.model, len(mine_split), words=mine_split).items():
+            log(f"  {word}: {', '.join(tokens)}")
+    augmented = results["augment"]
+    if augmented.get("reached") is not None:
+        unreached = augmented.get("unreached") or {}
+        log(f"the augmented model reaches {augmented['reached']} of {augmented['reached'] + len(unreached)} inferred "
+            "words through plain text" + (f"; not: {augment_lib.describe_unreached(unreached)}" if unreached else ""))
     log(f"vectors: {_where(storage.join(out['vectors'], 'vectors.parquet'))} and vectors.txt beside it")
     snippet = load_snippet(out["augmented"], results["augment"])
     log(snippet[0])
@@ -352,14 +431,18 @@ def load_snippet(augmented: str, manifest: dict) -> list[str]:
     return lines
 
 
-def nearest_neighbours(vectors_uri: str, model: str, n_words: int, k: int = 5) -> dict[str, list[str]]:
-    """For the first `n_words` inferred words, the `k` whole-word vocabulary tokens whose input
-    embeddings are nearest (cosine) to the inferred vector."""
+def nearest_neighbours(vectors_uri: str, model: str, n_words: int, k: int = 5,
+                       words: list[str] | None = None) -> dict[str, list[str]]:
+    """For the first `n_words` inferred words (of `words`, when given), the `k` whole-word vocabulary tokens
+    whose input embeddings are nearest (cosine) to the inferred vector."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModel, AutoTokenizer
 
-    table = storage.read_parquet(storage.join(vectors_uri, "vectors.parquet")).slice(0, n_words)
+    table = storage.read_parquet(storage.join(vectors_uri, "vectors.parquet"))
+    if words is not None:
+        table = table.filter(pc.is_in(table["word"], pa.array(words, pa.string())))
+    table = table.slice(0, n_words)
     if table.num_rows == 0:
         return {}
     path = resolve_model(model, check=False)

@@ -19,7 +19,8 @@ Two ways text reaches a word's vector:
   (a lowercasing normaliser: BERT-uncased, ALBERT, the packaged MiniLM) matches any case; a
   cased one matches the word as written and, for a lowercase word, its capitalised form
   (`Kumquat` at a sentence start). A form the tokenizer already keeps as one token keeps
-  its own embedding: it is not rare there. The slash style then reads the vector twice
+  its own embedding (it is not rare there) unless `set_whole_word_rows` replaces or combines
+  it; `reach` names every word plain text does not reach, with the reason. The slash style then reads the vector twice
   (the plain word maps to it too); for the paper's slash input augment without plain words.
 
 A sentence-transformers model (its `modules.json`) stays one: `sentence_transformer_layout`
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 STYLES = ("slash", "replace")
+WHOLE_WORDS = ("keep", "replace", "combine")  # a word the tokenizer keeps as one token: its row stays, is replaced, or both averaged
 ST_MODULES = "modules.json"  # what makes a directory a sentence-transformers model
 ST_TOP_FILES = (ST_MODULES, "config_sentence_transformers.json")
 ST_MODULE_CONFIG = "sentence_bert_config.json"  # the Transformer module's settings (max_seq_length, lower case)
@@ -146,6 +148,55 @@ def add_plain_words(vectors: Mapping[str, torch.Tensor | np.ndarray], tokenizer:
                           for form in forms], special_tokens=False)
     _set_rows(tokenizer, model, list(forms), [rows[w] for w in forms.values()])
     return forms
+
+
+def set_whole_word_rows(vectors: Mapping[str, torch.Tensor | np.ndarray], tokenizer: PreTrainedTokenizerBase,
+                        model: PreTrainedModel, how: str) -> list[str]:
+    """For the words of `vectors` the tokenizer keeps as one token (its row is their embedding): `keep` their row,
+    `replace` it by the vector, or `combine` (the mean of the row and the vector). Returns the words whose row
+    changed. Keeping is the default: the row is what BERTRAM learns to imitate, so on held-out single-token
+    words the model's outputs with it are the reference every vector is scored against (pipeline/downstream.py)."""
+    if how not in WHOLE_WORDS:
+        raise ValueError(f"whole_words must be one of {', '.join(WHOLE_WORDS)}, got {how!r}")
+    from pipeline.ota import piece_ids
+
+    rows = dict(zip(vectors, _rows(vectors, model)))
+    words = [w for w in rows if not any(ch.isspace() for ch in w)]
+    base = tokenizer.vocab_size  # tokens added since (the plain words of add_plain_words) are not the model's own rows
+    whole = {w: p[0] for w, p in zip(words, piece_ids(tokenizer, words))
+             if len(p) == 1 and p[0] != tokenizer.unk_token_id and p[0] < base}
+    if how == "keep" or not whole:
+        return []
+    weight = model.get_input_embeddings().weight  # (V, D)
+    with torch.no_grad():
+        for word, i in whole.items():
+            new = rows[word].to(weight.device, weight.dtype)
+            weight[i] = new if how == "replace" else (weight[i] + new) / 2
+    return list(whole)
+
+
+def reach(words: Iterable[str], plain: Mapping[str, str], whole_rows: Iterable[str] = ()) -> dict[str, str]:
+    """word → why plain text does not reach its vector, for the words that plain text does not reach
+    (`plain`: form → word from `add_plain_words`; `whole_rows`: the words whose own row was set)."""
+    reached = set(plain.values()) | set(whole_rows)
+    out = {}
+    for word in words:
+        if word in reached:
+            continue
+        if any(ch.isspace() for ch in word):
+            out[word] = "holds a space: text reaches it as <BERTRAM:w> (pipeline.infer.rewrite)"
+        else:
+            out[word] = "one token of the tokenizer already: its own row stays (--whole_words keep)"
+    return out
+
+
+def describe_unreached(unreached: Mapping[str, str], k: int = 5) -> str:
+    """The words of `reach` by reason, a few named: '3 one token of the tokenizer already: ...: apple, tree, pear'."""
+    by_reason: dict[str, list[str]] = {}
+    for word, reason in unreached.items():
+        by_reason.setdefault(reason, []).append(word)
+    return "; ".join(f"{len(ws)} {reason}: {', '.join(ws[:k])}{', ...' if len(ws) > k else ''}"
+                     for reason, ws in by_reason.items())
 
 
 def rewrite(text: str, words: Iterable[str], style: str = "slash") -> str:

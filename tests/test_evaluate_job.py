@@ -240,3 +240,33 @@ def test_without_a_wordpiece_tokenizer_the_baseline_is_skipped_and_said_why(tmp_
     assert "Baseline: skipped" in (tmp_path / "eval" / "report.md").read_text()
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == \
         ["manifest.json", "reconstruction.png", "report.json", "report.md"]
+
+
+def test_downstream_report_equals_the_library(tmp_path, setup):
+    from pipeline import downstream
+
+    out = tmp_path / "eval"
+    manifest = evaluate(_config(setup, out, downstream_counts=[1, 2], downstream_sentences=2))
+    report = json.loads((out / "report.json").read_text())["downstream"]
+
+    tokenizer = AutoTokenizer.from_pretrained(setup["lm"])
+    lm = AutoModel.from_pretrained(setup["lm"]).eval()
+    own, pieces = downstream.word_inputs(tokenizer, HELDOUT)
+    assert sorted(own) == ["apple", "orange", "river"]  # single tokens with pieces; stone has none, kumquat is split
+    split = downstream.split_sentences({w: CONTEXTS[w] for w in own}, 2, seed=0)
+    bertram = infer.load(setup["add"])
+    vectors = {f"bertram, {n} contexts": infer.infer_vectors(*bertram, {w: p[:n] for w, (p, _) in split.items()})
+               for n in (1, 2)}
+    result = downstream.fidelity(lm, tokenizer, vectors, {w: s for w, (_, s) in split.items()}, pieces, own)
+    rows = downstream.summary_rows(result)
+    assert [r["input"] for r in report["rows"]] == [downstream.PIECES, downstream.MEAN, "bertram, 1 contexts",
+                                                    "bertram, 2 contexts"]
+    assert report["words"] == manifest["downstream_words"] == 3 and report["sentences"] == result["sentences"] == 4
+    for got, want in zip(report["rows"], rows):
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            assert got[k] == (pytest.approx(v, abs=1e-6) if not isinstance(v, str) else v), k
+    md = (out / "report.md").read_text()
+    assert "## Downstream" in md and downstream.markdown_table(rows, "mean", result["row_norm"]) in md
+    off = evaluate(_config(setup, tmp_path / "off", downstream=False))
+    assert "downstream_words" not in off and "Downstream" not in (tmp_path / "off" / "report.md").read_text()

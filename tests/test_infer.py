@@ -299,3 +299,25 @@ def test_the_usage_example_of_the_module_docstring_works_end_to_end(tmp_path, ti
     out.logits.sum().backward()  # the augmented model can be fine-tuned: no inference tensors leaked into it
     token_id = lm_tokenizer.convert_tokens_to_ids("<BERTRAM:kumquat>")
     assert lm.get_input_embeddings().weight.grad[token_id].abs().sum() > 0
+
+
+@pytest.mark.parametrize("how", ["keep", "replace", "combine"])
+def test_a_whole_word_keeps_replaces_or_combines_its_own_row_and_every_unreached_word_has_a_reason(tiny_bert, how):
+    from pipeline import augment
+
+    tokenizer, lm = AutoTokenizer.from_pretrained(tiny_bert), AutoModel.from_pretrained(tiny_bert)
+    weight = lm.get_input_embeddings().weight
+    apple = tokenizer.convert_tokens_to_ids("apple")
+    before = weight[apple].detach().clone()
+    vectors = {w: torch.full((32,), float(i + 1)) for i, w in enumerate(["kumquat", "apple", "new york"])}
+    plain = augment.add_plain_words(vectors, tokenizer, lm)
+    changed = augment.set_whole_word_rows(vectors, tokenizer, lm, how)
+    expected = {"keep": before, "replace": vectors["apple"], "combine": (before + vectors["apple"]) / 2}[how]
+    assert torch.allclose(lm.get_input_embeddings().weight[apple], expected)
+    assert changed == ([] if how == "keep" else ["apple"])
+    unreached = augment.reach(vectors, plain, changed)
+    assert "kumquat" not in unreached and "space" in unreached["new york"]
+    assert ("apple" in unreached) == (how == "keep") and "own row stays" in unreached.get("apple", "own row stays")
+    assert "1 holds a space" in augment.describe_unreached(unreached)
+    with pytest.raises(ValueError, match="whole_words"):
+        augment.set_whole_word_rows(vectors, tokenizer, lm, "drop")

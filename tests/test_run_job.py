@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
@@ -283,3 +284,70 @@ def test_ray_job_submit_runs_the_pipeline_and_reports_a_bad_config(ray_head, tin
     bad = _submit(address, env, "--config", str(config), "--preprocess.num_buckets", "0")
     assert bad.returncode != 0
     assert "error: --num_buckets must be >= 1, got 0" in bad.stdout + bad.stderr
+
+
+def test_default_rare_words_are_words_the_model_splits(tiny_bert, tmp_path):
+    from jobs.run import RunConfig, _rare_words
+    from pipeline.vocab import VOCAB_SCHEMA
+
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    counts = {"apples": 9, "river": 9, "kumquat": 7, "stone": 6, "trees": 5, "oranges": 3, "the": 500}
+    storage.write_parquet(str(pre / "vocab.parquet"), pa.table({"word": list(counts), "count": list(counts.values())},
+                                                               schema=VOCAB_SCHEMA))
+    config = RunConfig(model=str(tiny_bert), rare_words=2, rare_min_count=5)
+    config.preprocess.min_count_target = 100
+    assert _rare_words(config, str(pre)) == ["apples", "kumquat"]  # river and stone are tokens: passed over
+    config.rare_split_only = False
+    assert _rare_words(config, str(pre)) == ["apples", "river"]  # by count alone
+
+
+@pytest.mark.slow
+def test_your_heldout_words_reach_no_stage_and_are_evaluated_or_inferred(ray_local, tiny_bert, tmp_path, capfd,
+                                                                         monkeypatch):
+    """--heldout: a single-token target (river) and a split target (kumquat) reach no batch of any training stage
+    (form with the LM's vocabulary words, context and fused on cached features) nor the features; river is scored
+    with the run's held-out words, kumquat is inferred and listed with its neighbours."""
+    from jobs.run import RunConfig, run
+    from pipeline import train as training
+    from pipeline.config import parse
+
+    seen: set[str] = set()  # every word of every batch a training loop trained on
+    original = training.Collate.__call__
+
+    def spy(self, batch):
+        out = original(self, batch)
+        if out:
+            seen.update(batch["words"][0])
+        return out
+
+    monkeypatch.setattr(training.Collate, "__call__", spy)  # num_workers 0: every loop runs in this process
+    mine = ["river", "kumquat"]
+    (tmp_path / "mine.txt").write_text("\n".join(mine) + "\n", encoding="utf-8")
+    local = {"num_workers": 0}
+    config_path = _tiny_config(tmp_path, tiny_bert, heldout=str(tmp_path / "mine.txt"))
+    values = yaml.safe_load(config_path.read_text())
+    values["preprocess"]["min_count_target"] = 10  # kumquat (12 times) is a target: OTA would train on it
+    for stage in ("form", "context", "fused"):
+        values[stage].update(local)
+    config_path.write_text(yaml.safe_dump(values))
+    run(parse(RunConfig, ["--config", str(config_path)]))
+    root = tmp_path / "run"
+    targets = storage.read_parquet(str(root / "targets" / "targets.parquet"))["word"].to_pylist()
+    assert set(mine) <= set(targets)  # both would be trained on without --heldout
+    assert seen and not seen & set(mine), seen & set(mine)
+    assert len(seen) > 10  # ... while the other targets are trained on
+    features = set()
+    for f in sorted((root / "features").glob("bucket-*.parquet")):
+        features |= set(storage.read_parquet(str(f))["word"].to_pylist())
+    assert features and not features & set(mine)
+    assert "river" in (root / "heldout.txt").read_text().split()
+    assert "kumquat" in (root / "excluded.txt").read_text().split()
+    report = json.loads((root / "evaluation" / "report.json").read_text())
+    assert "river" not in report["reconstruction"]["words"]["no_contexts"] + report["reconstruction"]["words"]["not_single_token"]
+    heldout_contexts = json.loads((root / "heldout-contexts" / "manifest.json").read_text())
+    assert heldout_contexts["config"]["words"] == str(root / "heldout.txt")
+    vectors = storage.read_parquet(str(root / "vectors" / "vectors.parquet"))["word"].to_pylist()
+    assert "kumquat" in vectors
+    summary = capfd.readouterr().err
+    assert "your --heldout words: 1 one token of the model" in summary and "  kumquat: " in summary
