@@ -319,16 +319,11 @@ def _downstream(config: EvaluateConfig, contexts: dict[str, list[str]], main_mod
                 model_path: str) -> dict:
     """The language model's outputs with the held-out words as pieces, mean of pieces and BERTRAM tokens."""
     t0 = time.time()
-    own, pieces = downstream.word_inputs(tokenizer, list(contexts))
-    split = downstream.split_sentences({w: contexts[w] for w in own}, config.downstream_sentences, config.seed)
-    with torch.inference_mode():
-        vectors = {f"{MAIN}, {n} contexts": infer.infer_vectors(*main_model, {w: pool[:n] for w, (pool, _) in split.items()},
-                                                               max_seq_length=config.max_seq_length)
-                   for n in config.downstream_counts}
     pooling = downstream.pooling_of(model_path)
-    result = downstream.fidelity(lm, tokenizer, vectors, {w: s[1] for w, s in split.items()}, pieces, own, pooling,
-                                 config.downstream_max_length)
-    rows = downstream.summary_rows(result)
+    result = downstream.score_model(*main_model, lm, tokenizer, contexts, config.downstream_counts,
+                                    config.downstream_sentences, config.seed, pooling, config.downstream_max_length,
+                                    config.max_seq_length, label=MAIN)
+    rows = result["rows"]
     for r in rows:
         log(f"evaluate: downstream, {r['input']}: sentence cosine {r['sentence_cosine']:.4f}, word position "
             f"{r['token_cosine']:.3f}")

@@ -20,6 +20,8 @@ Stages, each into its own directory under --output:
     context/        context model, trained on features/                        (jobs.train --stage context)
     fused-init/     the two combined                                           (jobs.fuse)
     fused/          the fused model, the final BERTRAM model                   (jobs.train --stage fused)
+    tuned/          opt-in (--tune.steps N): fused/ tuned for the LM's outputs  (jobs.tune); then
+                    the final model, which infer and evaluate use
     rare_words.txt  the words to infer: the corpus's own rare words (those the model splits), or
                     --words; with your --heldout words the model splits
     vectors/        their vectors: vectors.parquet, vectors.txt                (jobs.infer)
@@ -57,6 +59,7 @@ from jobs.preprocess import PreprocessConfig, PreprocessOptions, preprocess
 from jobs.preprocess import read_words as read_corpus_words
 from jobs.targets import TargetsConfig, TargetsOptions, compute_targets
 from jobs.train import TrainConfig, TrainOptions, train
+from jobs.tune import TuneConfig, TuneOptions, tune
 from pipeline import augment as augment_lib
 from pipeline import evaluate as ev
 from pipeline import storage, vocab
@@ -124,6 +127,8 @@ class RunConfig:
     """Context stage training settings."""
     fused: TrainOptions = field(default_factory=TrainOptions)
     """Fused stage training settings."""
+    tune: TuneOptions = field(default_factory=TuneOptions)
+    """Opt-in (steps > 0): tune the fused model for how the language model uses its vectors (tuned/, jobs.tune)."""
     infer: InferOptions = field(default_factory=InferOptions)
     """Inference settings (vectors of the rare words)."""
     evaluate: EvaluateOptions = field(default_factory=EvaluateOptions)
@@ -164,7 +169,7 @@ def run(config: RunConfig) -> dict:
     """Run every stage (skipping complete ones); returns the manifests by stage."""
     resolve_model(config.model)  # a model BERTRAM cannot serve is refused before the corpus is read
     out = {name: storage.join(config.output, name) for name in
-           ("preprocessed", "targets", "features", "form", "context", "fused-init", "fused", "vectors", "augmented",
+           ("preprocessed", "targets", "features", "form", "context", "fused-init", "fused", "tuned", "vectors", "augmented",
             "evaluation", "eval-corpus", "evaluation-eval-corpus", "heldout-contexts", "heldout.txt", "excluded.txt",
             "fusion_words.txt", "excluded_from_parts.txt", "rare_words.txt")}
     common = dict(overwrite=config.overwrite, num_cpus=config.num_cpus)
@@ -211,14 +216,23 @@ def run(config: RunConfig) -> dict:
         only_words=out["fusion_words.txt"] if fusion else None,
         features=features if reads_cached_features(config.fuse_mode) else None, **base)), describe_training)
 
+    final = out["fused"]
+    if config.tune.steps:
+        final = out["tuned"]
+        results["tune"] = stages.run("tune", final, lambda: tune(TuneConfig(
+            **vars(config.tune), bertram=out["fused"], preprocessed=out["preprocessed"], targets=out["targets"],
+            exclude_words=heldout_file, output=final, overwrite=config.overwrite)),
+            lambda m: f"{m['steps']} steps, loss {m['first_loss']:.4g} -> {m['final_loss']:.4g}")
     words_uri = _write_rare_words(config, out["preprocessed"], out["rare_words.txt"], mine_split)
     results["infer"] = stages.run("infer", out["vectors"], lambda: infer(InferConfig(
-        **vars(config.infer), bertram=out["fused"], words=words_uri, corpus=config.corpus, output=out["vectors"],
+        **vars(config.infer), bertram=final, words=words_uri, corpus=config.corpus, output=out["vectors"],
         **common)), lambda m: f"{m.get('words')} words")
     results["augment"] = stages.run("augment", out["augmented"], lambda: augment(AugmentConfig(
         vectors=out["vectors"], model=config.model, output=out["augmented"], plain_words=config.plain_words,
         whole_words=config.whole_words, overwrite=config.overwrite)),
         lambda m: f"{len(m.get('tokens', []))} <BERTRAM:w> tokens, {m.get('plain_words', 0)} plain words")
+    compared = [f"form={out['form']}", f"context={out['context']}"] + (
+        [f"fused={out['fused']}"] if final != out["fused"] else [])  # tuned: the fused model it started from
     contexts = out["preprocessed"]
     if heldout and mine:  # your words have contexts whatever their count: gathered for every evaluated word
         contexts = out["heldout-contexts"]
@@ -227,17 +241,15 @@ def run(config: RunConfig) -> dict:
             output=contexts, **common)), lambda m: f"{m['target_words']} held-out words")
     if heldout or config.wnlampro:
         results["evaluate"] = stages.run("evaluate", out["evaluation"], lambda: evaluate(EvaluateConfig(
-            **vars(config.evaluate), bertram=out["fused"], compare=[f"form={out['form']}", f"context={out['context']}"],
-            model=config.model, output=out["evaluation"], heldout=out["heldout.txt"] if heldout else None,
-            contexts=contexts, wnlampro=config.wnlampro, overwrite=config.overwrite)))
+            **vars(config.evaluate), bertram=final, compare=compared, model=config.model, output=out["evaluation"],
+            heldout=out["heldout.txt"] if heldout else None, contexts=contexts, wnlampro=config.wnlampro, overwrite=config.overwrite)))
     if heldout and config.eval_corpus:
         results["eval-corpus"] = stages.run("eval-corpus", out["eval-corpus"], lambda: preprocess(PreprocessConfig(
             **{**vars(config.preprocess), "min_count_target": 1}, corpus=config.eval_corpus, words=out["heldout.txt"],
             output=out["eval-corpus"], **common)), lambda m: f"{m['target_words']} held-out words found")
         results["evaluate-eval-corpus"] = stages.run(
             "evaluate (eval corpus)", out["evaluation-eval-corpus"], lambda: evaluate(EvaluateConfig(
-                **{**vars(config.evaluate), "plot_words": 0}, bertram=out["fused"],
-                compare=[f"form={out['form']}", f"context={out['context']}"], model=config.model,
+                **{**vars(config.evaluate), "plot_words": 0}, bertram=final, compare=compared, model=config.model,
                 output=out["evaluation-eval-corpus"], heldout=out["heldout.txt"], contexts=out["eval-corpus"],
                 overwrite=config.overwrite)))
 
@@ -372,7 +384,9 @@ def _summary(config: RunConfig, stages: _Stages, out: dict[str, str], results: d
         if key in results and storage.exists(report):
             log(f"{what} ({storage.redact(report)}):")
             for line in storage.read_text(report).splitlines():
-                if line.startswith("|"):
+                if line.startswith("## "):
+                    log(f"  {line[3:]}:")
+                elif line.startswith("|"):
                     log(f"  {line}")
     plots = [storage.join(out[s], "loss.png") for s in ("form", "context", "fused")]
     if "evaluate" in results:

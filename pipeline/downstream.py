@@ -182,6 +182,25 @@ def fidelity(lm, tokenizer, vectors: Mapping[str, Mapping[str, torch.Tensor]], s
             "row_norm": float(table[[own[w] for w in scored]].norm(dim=-1).median()) if scored else float("nan")}
 
 
+def score_model(bertram, bertram_tokenizer, lm, tokenizer, contexts: Mapping[str, Sequence[str]],
+                counts: Sequence[int] = (1, 8, 16), sentences: int = 8, seed: int = 0, pooling: str = "mean",
+                max_length: int = 64, max_seq_length: int = 128, label: str = "bertram") -> dict:
+    """`fidelity` of a BERTRAM model's vectors from `counts` contexts for the single-token words of `contexts`
+    (word → its contexts): what `jobs.evaluate` reports. Returns the `fidelity` result with its `rows`."""
+    from pipeline import infer
+
+    own, pieces = word_inputs(tokenizer, list(contexts))
+    split = split_sentences({w: contexts[w] for w in own}, sentences, seed)
+    with torch.inference_mode():
+        vectors = {f"{label}, {n} contexts": infer.infer_vectors(bertram, bertram_tokenizer,
+                                                                 {w: pool[:n] for w, (pool, _) in split.items()},
+                                                                 max_seq_length=max_seq_length)
+                   for n in counts}
+    result = fidelity(lm, tokenizer, vectors, {w: s for w, (_, s) in split.items()}, pieces, own, pooling, max_length)
+    result["rows"] = summary_rows(result)
+    return result
+
+
 def paired_interval(diffs: Sequence[np.ndarray], resamples: int = 1000, seed: int = 0) -> list[float]:
     """95% bootstrap interval of the sentence-weighted mean of per-word differences, words resampled."""
     if not diffs:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pipeline import infer, wnlampro
 from pipeline.batching import mask_word
 from pipeline.model import uses_context, uses_form
-from pipeline.targets import split_by_pieces
+from pipeline.targets import split_by_pieces, wordpiece_without
 
 # ---------------------------------------------------------------------------------------
 # Reconstruction of held-out words
@@ -42,24 +42,6 @@ def is_wordpiece(tokenizer) -> bool:
     """Whether the tokenizer is WordPiece (BERT): the mean-of-pieces baseline needs `##` continuations."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return backend is not None and type(backend.model).__name__ == "WordPiece"
-
-
-def wordpiece_without(word: str, vocab: dict[str, int]) -> list[int] | None:
-    """WordPiece pieces of `word` (greedy longest match, `##` continuations) as if `word` itself
-    were not a token; None when some part cannot be matched."""
-    pieces, start = [], 0
-    while start < len(word):
-        end = len(word)
-        while end > start:
-            piece = word[start:end] if start == 0 else "##" + word[start:end]
-            if piece in vocab and not (start == 0 and end == len(word)):
-                pieces.append(vocab[piece])
-                break
-            end -= 1
-        if end == start:
-            return None
-        start = end
-    return pieces
 
 
 def mean_of_pieces(words: Sequence[str], tokenizer, embedding: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,146 @@
+"""Tune a fused BERTRAM model for how its vectors are used: the behaviour objective (pipeline/behaviour.py).
+
+    python -m jobs.tune --bertram out/fused --preprocessed out/pre --targets out/targets \\
+        --exclude_words out/heldout.txt --output out/tuned --steps 150
+
+For the single-token training words (targets with their own row; never --exclude_words),
+BERTRAM infers a vector from a few contexts, and the frozen language model runs on other
+contexts of the word with that vector as the word's input row and with the word's true token;
+the loss is 1 - cosine of the word-position states plus that of the sentence embeddings.
+Runs in one process (the driver; a GPU when there is one is not used yet). Writes the tuned
+model (loadable wherever a fused model is: `jobs.infer --bertram out/tuned`) and
+`manifest.json` last. Opt-in: on the demo it moves the language model's outputs towards
+the true token's at a cost in the embedding table (BENCHMARKS.md, "The user's model").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pyarrow.compute as pc
+
+from jobs.common import complete_input, log, main, read_word_set
+from jobs.console import PROGRESS_EVERY_S
+from pipeline import infer, manifest, storage
+from pipeline.behaviour import TRAINABLE, BehaviourSettings, tune as tune_model
+from pipeline.config import ConfigError, to_dict
+from pipeline.model import uses_context
+
+OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer")
+
+
+@dataclass(kw_only=True)
+class TuneOptions:
+    """Settings of the behaviour stage (the part of its config a pipeline preset holds)."""
+
+    steps: int = 0
+    """Optimizer steps of the behaviour objective; 0: no such stage (jobs.run infers with fused/)."""
+    words_per_step: int = 16
+    """Training words per step."""
+    read: int = 8
+    """At most this many contexts BERTRAM reads per word and step."""
+    sentences: int = 2
+    """Sentences per word and step the language model runs on (never among those BERTRAM reads)."""
+    lr: float = 1e-4
+    """Adam learning rate."""
+    trainable: str = "all"
+    """all: every trainable part of BERTRAM (never the encoder) | gate: the gate that mixes the parts."""
+    row_weight: float = 0.0
+    """Weight of 1 - cosine to the true row (the embedding objective) added to the behaviour loss."""
+    sentence_weight: float = 1.0
+    """Weight of the sentence-embedding term next to the word-position term."""
+    seed: int = 0
+    """Seed of the words and contexts drawn per step."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.words_per_step < 1 or self.read < 1 or self.sentences < 1:
+            raise ConfigError(f"--steps must be >= 0 and --words_per_step, --read, --sentences >= 1; got {self.steps}, "
+                              f"{self.words_per_step}, {self.read}, {self.sentences}")
+        if self.trainable not in TRAINABLE:
+            raise ConfigError(f"--trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+
+
+@dataclass(kw_only=True)
+class TuneConfig(TuneOptions):
+    """Tune a fused BERTRAM model with the behaviour objective."""
+
+    steps: int = 150
+    """Optimizer steps of the behaviour objective."""
+    bertram: str
+    """URI of the fused BERTRAM model to tune (jobs.train --stage fused)."""
+    preprocessed: str
+    """URI of the jobs.preprocess output: the training words' contexts."""
+    targets: str
+    """URI of the jobs.targets output: which words are single tokens (source embedding)."""
+    exclude_words: str | None = None
+    """Words file (one per line) never trained on (held-out words)."""
+    output: str
+    """Output URI of the tuned model."""
+    overwrite: bool = False
+    """Redo even if --output already holds a complete result."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {self.steps}")
+
+
+def tune(config: TuneConfig) -> dict:
+    """Run the step; returns its manifest."""
+    complete_input("--preprocessed", config.preprocessed, "jobs.preprocess")
+    complete_input("--targets", config.targets, "jobs.targets")
+    if not storage.exists(storage.join(config.bertram, "config.json")):
+        raise ConfigError(f"--bertram {storage.redact(config.bertram)} holds no BERTRAM model (config.json missing); "
+                          "give a jobs.train --stage fused output")
+    mode = storage.read_json(storage.join(config.bertram, "config.json")).get("mode")
+    if not uses_context(mode or "") or mode == "context":
+        raise ConfigError(f"--bertram {storage.redact(config.bertram)} is a {mode!r} model; the behaviour objective "
+                          "tunes a fused model (it runs the model's own encoder as the language model)")
+    excluded = read_word_set(config.exclude_words, "--exclude_words") if config.exclude_words else set()
+    sources = {"bertram": config.bertram, "preprocessed": config.preprocessed, "targets": config.targets}
+    inputs = {f"{k}_at": manifest.read(v).get("finished_at") if manifest.is_complete(v) else None
+              for k, v in sources.items()}
+    inputs["excluded_words"] = len(excluded)
+    if manifest.reusable(config.output, "tune", to_dict(config), config.overwrite, inputs):
+        log(f"tune: {storage.redact(config.output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
+        return manifest.read(config.output)
+    started = time.time()
+    bertram, tokenizer = infer.load(config.bertram)
+    targets = storage.read_parquet(storage.join(config.targets, "targets.parquet"))
+    words = [w for w in targets.filter(pc.equal(targets["source"], "embedding"))["word"].to_pylist()
+             if w not in excluded]
+    contexts = infer.read_contexts(config.preprocessed, words=words)
+    settings = BehaviourSettings(steps=config.steps, words_per_step=config.words_per_step, read=config.read,
+                                 sentences=config.sentences, lr=config.lr, trainable=config.trainable,
+                                 row_weight=config.row_weight, sentence_weight=config.sentence_weight,
+                                 seed=config.seed)
+    log(f"tune: behaviour objective on {len(words)} single-token training words ({len(excluded)} excluded), "
+        f"{config.steps} steps of {config.words_per_step} words")
+    shown = [0.0]
+
+    def report(step: int, loss: float, seconds: float) -> None:
+        if seconds - shown[0] >= PROGRESS_EVERY_S or step == config.steps:
+            shown[0] = seconds
+            log(f"tune: step {step}/{config.steps}, loss {loss:.4f}, {seconds / step:.2f} s per step, ETA "
+                f"{(config.steps - step) * seconds / step:.0f} s")
+
+    try:
+        history = tune_model(bertram, tokenizer, words, contexts, settings, on_step=report)
+    except ValueError as exc:
+        raise ConfigError(f"tune: {exc}") from None
+    manifest.reset(config.output, "tune", OUTPUT_NAMES)
+    bertram.save_pretrained(config.output, tokenizer)
+    last = history[-10:]
+    out = manifest.write(config.output, "tune", to_dict(config), started, inputs=inputs, words=len(words),
+                         steps=len(history), first_loss=history[0] if history else None,
+                         final_loss=sum(last) / len(last) if last else None, mode=bertram.config.mode)
+    log(f"tune: loss {out['first_loss']:.4f} -> {out['final_loss']:.4f} (mean of the last 10 steps) -> "
+        f"{storage.redact(config.output)}" if history else f"tune: no step -> {storage.redact(config.output)}")
+    return out
+
+
+if __name__ == "__main__":
+    main(TuneConfig, tune, __doc__, prog="python -m jobs.tune")
