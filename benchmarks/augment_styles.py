@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline import infer, storage  # noqa: E402
+from pipeline.downstream import paired_interval as bootstrap, splice  # noqa: E402
 from pipeline.targets import pieces_without_own_token, resolve_model  # noqa: E402
 
 STYLES = ("pieces", "plain", "slash", "plain-mean")
@@ -56,25 +57,6 @@ def encode(lm, rows: list[torch.Tensor], at: list[list[int]], batch: int = 64) -
         for b, i in enumerate(idx):
             sentences[i], hidden[i] = torch.nn.functional.normalize(pooled[b], dim=-1), h[b, at[i]].clone()
     return torch.stack(sentences), hidden
-
-
-def splice(ids: list[int], own: int, table: torch.Tensor, parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """Rows of `ids` with every `own` token replaced by the rows `parts` (each (D,)); the word's last positions."""
-    rows, last = [], []
-    for i in ids:
-        rows += parts if i == own else [table[i]]
-        if i == own:
-            last.append(len(rows) - 1)
-    return torch.stack(rows), last
-
-
-def bootstrap(diffs: list[np.ndarray], n: int = 1000, seed: int = 0) -> list[float]:
-    """95% interval of the pair-weighted mean of per-word differences, words resampled."""
-    rng = np.random.default_rng(seed)
-    sums, counts = np.array([d.sum() for d in diffs]), np.array([len(d) for d in diffs])
-    picks = rng.integers(0, len(diffs), size=(n, len(diffs)))
-    means = sums[picks].sum(1) / counts[picks].sum(1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ the true token's at a cost in the embedding table (BENCHMARKS.md, "The user's mo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import pyarrow.compute as pc
 
@@ -31,27 +31,12 @@ OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokeniz
 
 
 @dataclass(kw_only=True)
-class TuneOptions:
-    """Settings of the behaviour stage (the part of its config a pipeline preset holds)."""
+class TuneOptions(BehaviourSettings):
+    """Settings of the behaviour stage (the part of its config a pipeline preset holds); the rest of the
+    fields are pipeline.behaviour.BehaviourSettings'."""
 
     steps: int = 0
     """Optimizer steps of the behaviour objective; 0: no such stage (jobs.run infers with fused/)."""
-    words_per_step: int = 16
-    """Training words per step."""
-    read: int = 8
-    """At most this many contexts BERTRAM reads per word and step."""
-    sentences: int = 2
-    """Sentences per word and step the language model runs on (never among those BERTRAM reads)."""
-    lr: float = 1e-4
-    """Adam learning rate."""
-    trainable: str = "all"
-    """all: every trainable part of BERTRAM (never the encoder) | gate: the gate that mixes the parts."""
-    row_weight: float = 0.0
-    """Weight of 1 - cosine to the true row (the embedding objective) added to the behaviour loss."""
-    sentence_weight: float = 1.0
-    """Weight of the sentence-embedding term next to the word-position term."""
-    seed: int = 0
-    """Seed of the words and contexts drawn per step."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.words_per_step < 1 or self.read < 1 or self.sentences < 1:
@@ -113,10 +98,7 @@ def tune(config: TuneConfig) -> dict:
     words = [w for w in targets.filter(pc.equal(targets["source"], "embedding"))["word"].to_pylist()
              if w not in excluded]
     contexts = infer.read_contexts(config.preprocessed, words=words)
-    settings = BehaviourSettings(steps=config.steps, words_per_step=config.words_per_step, read=config.read,
-                                 sentences=config.sentences, lr=config.lr, trainable=config.trainable,
-                                 row_weight=config.row_weight, sentence_weight=config.sentence_weight,
-                                 seed=config.seed)
+    settings = BehaviourSettings(**{f.name: getattr(config, f.name) for f in fields(BehaviourSettings)})
     log(f"tune: behaviour objective on {len(words)} single-token training words ({len(excluded)} excluded), "
         f"{config.steps} steps of {config.words_per_step} words")
     shown = [0.0]

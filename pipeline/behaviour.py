@@ -59,6 +59,7 @@ class BehaviourSettings:
     max_seq_length: int = 48
     """Tokens per context BERTRAM reads."""
     seed: int = 0
+    """Seed of the words and contexts drawn per step."""
 
 
 def trainable_parameters(model: Bertram, which: str) -> list[torch.nn.Parameter]:
