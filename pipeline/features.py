@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline import manifest, storage
 from pipeline.batching import encode
 from pipeline.infer import usable_contexts
 from pipeline.model import autocast
@@ -119,3 +120,16 @@ class FeatureActor:
                                      self.max_seq_length, self.batch_contexts)
         table = features_table(words, counts, feats)
         return table.append_column("bucket", batch["bucket"])
+
+
+def shared_context_vectors(context, features: str, max_words: int) -> torch.Tensor:
+    """(W, D) the context model's vectors of up to `max_words` training words (the first of each bucket), from
+    their cached features: what jobs.fuse takes the directions all context vectors share from."""
+    if not manifest.is_complete(features):
+        raise storage.ConfigError(f"--features {storage.redact(features)} is not a complete jobs.features output "
+                                  "(manifest.json missing); run jobs.features first")
+    tables = [storage.read_parquet(f.uri) for f in storage.list_files(features) if "bucket-" in f.uri]
+    per_bucket = max(1, max_words // max(1, len(tables)))
+    chosen = [torch.from_numpy(feature_matrix(t["features"], r)) for t in tables
+              for r in range(min(per_bucket, t.num_rows))]
+    return context.context_vectors(chosen)

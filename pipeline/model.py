@@ -535,6 +535,31 @@ def weights_problem(uri: str) -> str | None:
     return None
 
 
+def saved_config(uri: str, flag: str = "--bertram", fix: str = "run jobs.train (and jobs.fuse) first, or fix the URI",
+                 modes: tuple[str, ...] | None = None, wanted: str = "") -> dict:
+    """The saved config of the BERTRAM model at `uri`, once its files are known to be whole; one line
+    (a storage.UserError) naming `flag` otherwise: no model there (`fix` says what to run), no mode,
+    a missing or truncated file, or a mode not in `modes` (`wanted` says which model to give)."""
+    where = f"{flag} {storage.redact(uri)}"
+    if not storage.exists(storage.join(uri, CONFIG_NAME)):
+        raise storage.ConfigError(f"{where} holds no BERTRAM model ({CONFIG_NAME} missing); {fix}")
+    config = storage.read_json(storage.join(uri, CONFIG_NAME))
+    if not isinstance(config, dict) or "mode" not in config:
+        raise storage.ConfigError(f"{where}: {CONFIG_NAME} is not a BERTRAM config (no mode); give a jobs.train or "
+                                "jobs.fuse output")
+    if modes is not None and config["mode"] not in modes:
+        raise storage.ConfigError(f"{where} is a {config['mode']!r} model; {wanted}")
+    needed = [WEIGHTS_NAME] + ([NGRAMS_NAME] if uses_form(config["mode"]) else [])
+    missing = [name for name in needed if not storage.exists(storage.join(uri, name))]
+    if missing:
+        raise storage.ConfigError(f"{where} is an incomplete model ({', '.join(missing)} missing); run jobs.train "
+                                "(and jobs.fuse) again")
+    problem = weights_problem(storage.join(uri, WEIGHTS_NAME))
+    if problem:  # found now, not by the workers after a corpus pass
+        raise storage.ConfigError(f"{where}: {WEIGHTS_NAME} is {problem}; run jobs.train (and jobs.fuse) again")
+    return config
+
+
 def group_by_word(vectors: torch.Tensor, word: torch.Tensor, num_words: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scatter (N, H) context vectors into (B, C, H) by word, with a (B, C) validity mask; no Python loop."""
     counts = torch.bincount(word, minlength=num_words)  # (B,)

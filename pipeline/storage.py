@@ -36,6 +36,10 @@ class UserError(Exception):
     """An error the user can fix; jobs print its message as one line and exit with status 2."""
 
 
+class ConfigError(UserError):
+    """A config value, flag or input that is wrong; the message names the field and the fix (pipeline.config)."""
+
+
 class StorageError(UserError):
     """A URI that cannot be read or written: missing, unreachable, or not allowed."""
 
