@@ -15,17 +15,18 @@ the true token's at a cost in the embedding table (BENCHMARKS.md, "The user's mo
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, fields
 
 import pyarrow.compute as pc
 
-from jobs.common import complete_input, log, main, read_word_set
+from jobs.common import log
 from jobs.console import PROGRESS_EVERY_S
-from pipeline import infer, manifest, storage
+from jobs.stage import Stage, upstream
+from pipeline import infer, storage
 from pipeline.behaviour import TRAINABLE, BehaviourSettings, tune as tune_model
-from pipeline.config import ConfigError, to_dict
-from pipeline.model import uses_context
+from pipeline.config import ConfigError
+from pipeline.model import FUSED_MODES, saved_config, uses_context
+from pipeline.words import read_word_set
 
 OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer")
 
@@ -73,27 +74,20 @@ class TuneConfig(TuneOptions):
             raise ConfigError(f"--steps must be >= 1, got {self.steps}")
 
 
-def tune(config: TuneConfig) -> dict:
-    """Run the step; returns its manifest."""
-    complete_input("--preprocessed", config.preprocessed, "jobs.preprocess")
-    complete_input("--targets", config.targets, "jobs.targets")
-    if not storage.exists(storage.join(config.bertram, "config.json")):
-        raise ConfigError(f"--bertram {storage.redact(config.bertram)} holds no BERTRAM model (config.json missing); "
-                          "give a jobs.train --stage fused output")
-    mode = storage.read_json(storage.join(config.bertram, "config.json")).get("mode")
-    if not uses_context(mode or "") or mode == "context":
-        raise ConfigError(f"--bertram {storage.redact(config.bertram)} is a {mode!r} model; the behaviour objective "
-                          "tunes a fused model (it runs the model's own encoder as the language model)")
+def _inputs(config: TuneConfig) -> dict:
+    stamps = upstream(preprocessed=(config.preprocessed, "jobs.preprocess"), targets=(config.targets, "jobs.targets"))
+    saved_config(config.bertram, fix="give a jobs.train --stage fused output",
+                 modes=tuple(m for m in FUSED_MODES if uses_context(m)),
+                 wanted="the behaviour objective tunes a fused model (it runs the model's own encoder as the language "
+                        "model)")
     excluded = read_word_set(config.exclude_words, "--exclude_words") if config.exclude_words else set()
-    sources = {"bertram": config.bertram, "preprocessed": config.preprocessed, "targets": config.targets}
-    inputs = {f"{k}_at": manifest.read(v).get("finished_at") if manifest.is_complete(v) else None
-              for k, v in sources.items()}
-    inputs["excluded_words"] = len(excluded)
-    if manifest.reusable(config.output, "tune", to_dict(config), config.overwrite, inputs):
-        log(f"tune: {storage.redact(config.output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
-        return manifest.read(config.output)
-    started = time.time()
+    return {"bertram_at": upstream(bertram=(config.bertram, None))["bertram_at"], **stamps,
+            "excluded_words": len(excluded)}
+
+
+def _tune(config: TuneConfig, ready: None) -> dict:
     bertram, tokenizer = infer.load(config.bertram)
+    excluded = read_word_set(config.exclude_words, "--exclude_words") if config.exclude_words else set()
     targets = storage.read_parquet(storage.join(config.targets, "targets.parquet"))
     words = [w for w in targets.filter(pc.equal(targets["source"], "embedding"))["word"].to_pylist()
              if w not in excluded]
@@ -113,16 +107,22 @@ def tune(config: TuneConfig) -> dict:
         history = tune_model(bertram, tokenizer, words, contexts, settings, on_step=report)
     except ValueError as exc:
         raise ConfigError(f"tune: {exc}") from None
-    manifest.reset(config.output, "tune", OUTPUT_NAMES)
     bertram.save_pretrained(config.output, tokenizer)
     last = history[-10:]
-    out = manifest.write(config.output, "tune", to_dict(config), started, inputs=inputs, words=len(words),
-                         steps=len(history), first_loss=history[0] if history else None,
-                         final_loss=sum(last) / len(last) if last else None, mode=bertram.config.mode)
-    log(f"tune: loss {out['first_loss']:.4f} -> {out['final_loss']:.4f} (mean of the last 10 steps) -> "
-        f"{storage.redact(config.output)}" if history else f"tune: no step -> {storage.redact(config.output)}")
-    return out
+    return dict(words=len(words), steps=len(history), first_loss=history[0] if history else None,
+                final_loss=sum(last) / len(last) if last else None, mode=bertram.config.mode)
 
+
+def _done(config: TuneConfig, out: dict) -> str:
+    if out["steps"]:
+        return (f"loss {out['first_loss']:.4f} -> {out['final_loss']:.4f} (mean of the last 10 steps) -> "
+                f"{storage.redact(config.output)}")
+    return f"no step -> {storage.redact(config.output)}"
+
+
+STAGE = Stage(name="tune", config=TuneConfig, outputs=OUTPUT_NAMES, inputs=_inputs, work=_tune, done=_done,
+              summary=lambda m: f"{m['steps']} steps, loss {m['first_loss']:.4g} -> {m['final_loss']:.4g}")
+tune = STAGE.run
 
 if __name__ == "__main__":
-    main(TuneConfig, tune, __doc__, prog="python -m jobs.tune")
+    STAGE.main(__doc__, "tune")
