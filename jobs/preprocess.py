@@ -18,10 +18,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.common import connect_ray, log, main
+from jobs.common import connect_ray, log
 from jobs.console import progress
-from pipeline import contexts, corpus, manifest, storage, vocab
-from pipeline.config import ConfigError, to_dict
+from jobs.stage import Stage
+from pipeline import contexts, corpus, storage, vocab
+from pipeline.config import ConfigError
+from pipeline.words import read_words as words_file
 
 
 # What this stage writes under --output (top-level names); nothing else is ever deleted.
@@ -90,16 +92,8 @@ class PreprocessConfig(PreprocessOptions):
 
 
 def read_words(uri: str, lowercase: bool) -> list[str]:
-    """The words of a `--words` file (one per line; blank lines ignored, duplicates merged)."""
-    try:
-        text = storage.read_text(uri)
-    except UnicodeDecodeError:
-        raise ConfigError(f"--words {storage.redact(uri)}: not UTF-8 text; save it as UTF-8") from None
-    words = [w.strip() for w in text.splitlines() if w.strip()]
-    words = [w.lower() for w in words] if lowercase else words
-    if not words:
-        raise ConfigError(f"--words {storage.redact(uri)}: the file holds no words; put one word per line")
-    return list(dict.fromkeys(words))
+    """The words of a `--words` file (lowercased with `lowercase`, as the corpus is)."""
+    return words_file(uri, "--words", lowercase)
 
 
 def unmatchable_words(words: list[str], lowercase: bool) -> list[str]:
@@ -108,20 +102,22 @@ def unmatchable_words(words: list[str], lowercase: bool) -> list[str]:
     return [w for w, t in zip(words, tokens) if t != [w]]
 
 
-def preprocess(config: PreprocessConfig) -> dict:
-    """Run the stage; returns its manifest."""
-    output = config.output
+def _inputs(config: PreprocessConfig) -> dict:
     files = storage.list_files(config.corpus)  # inputs are checked before the output is touched
     if not files:
         raise storage.StorageError(f"--corpus {storage.redact(config.corpus)}: no input files found; "
                                    "check the path or glob")
-    inputs = {"files": [[storage.redact(f.uri), f.size] for f in files]}
-    if manifest.reusable(output, "preprocess", to_dict(config), config.overwrite, inputs):
-        log(f"preprocess: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
-        return manifest.read(output)
+    return {"files": [[storage.redact(f.uri), f.size] for f in files]}
+
+
+def _check(config: PreprocessConfig) -> list[str] | None:
+    return read_words(config.words, config.lowercase) if config.words else None
+
+
+def _preprocess(config: PreprocessConfig, words: list[str] | None) -> dict:
+    output = config.output
     started = time.time()
-    words = read_words(config.words, config.lowercase) if config.words else None
-    manifest.reset(output, "preprocess", OUTPUT_NAMES)
+    files = storage.list_files(config.corpus)
     connect_ray(config.num_cpus)
     import ray
 
@@ -138,12 +134,38 @@ def preprocess(config: PreprocessConfig) -> dict:
     vocab_files = vocab.write_vocab(counts, output, [0, config.min_count_target])
     log(f"preprocess: {lines.read} lines ({lines.used} used), {tokens} tokens, {counts.num_rows} words "
         f"in {count_s:.1f}s")
-
     if not lines.used:
         skipped = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in lines.skipped.items() if n)
         raise storage.UserError(f"--corpus {storage.redact(config.corpus)}: none of its {lines.read} lines is usable "
                                 f"text ({skipped or 'no lines'}); give UTF-8 text with one or more sentences per "
                                 "line (.gz/.bz2/.zst named by their suffix)")
+    targets, unmatchable, not_targets = _targets(config, counts, words)
+
+    t0 = time.time()
+    buckets = contexts.build_buckets(
+        splits, targets, output, num_buckets=config.num_buckets, cap=config.max_contexts_per_word,
+        lowercase=config.lowercase, max_line_bytes=config.max_line_bytes, window=config.context_window,
+        seed=config.seed, progress=progress)
+    sample_s = time.time() - t0
+    n_contexts = sum(b["contexts"] for b in buckets)
+    without = sum(b["words_without_contexts"] for b in buckets)
+    log(f"preprocess: {targets.num_rows} target words, {n_contexts} contexts in {config.num_buckets} buckets "
+        f"in {sample_s:.1f}s")
+    if without:
+        log(f"preprocess: warning: {without} words have no context in the corpus (kept with an empty list)")
+    log(f"preprocess: done in {time.time() - started:.1f}s -> {storage.redact(output)}")
+    return dict(mode="words" if words is not None else "train", words_not_single_tokens=unmatchable,
+                lines=lines.as_dict(), tokens=tokens, words=counts.num_rows, target_words=targets.num_rows,
+                not_targets=not_targets, contexts_written=n_contexts, words_without_contexts=without,
+                files={"vocab": [storage.redact(u) for u in vocab_files],
+                       "contexts": [storage.redact(contexts.bucket_uri(output, b)) for b in range(config.num_buckets)]},
+                buckets=buckets, timings={"count_s": round(count_s, 3), "sample_s": round(sample_s, 3)},
+                ray={"cpus": cpus})
+
+
+def _targets(config: PreprocessConfig, counts: pa.Table, words: list[str] | None) -> tuple[pa.Table, list, dict]:
+    """The words that get contexts (every word with count >= min_count_target, or --words), the --words the
+    corpus tokenizer cannot match, and the frequent tokens that are no target (the sentence end)."""
     unmatchable = unmatchable_words(words, config.lowercase) if words is not None else []
     not_targets: dict[str, list[str]] = {}
     if words is None:
@@ -167,33 +189,13 @@ def preprocess(config: PreprocessConfig) -> dict:
                 f"tokenizer and cannot have contexts, e.g. {unmatchable[:5]}")
     targets = contexts.targets_table(target_words, target_counts, config.num_buckets,
                                      config.max_contexts_per_word, config.oversample)
+    return targets, unmatchable, not_targets
 
-    t0 = time.time()
-    buckets = contexts.build_buckets(
-        splits, targets, output, num_buckets=config.num_buckets, cap=config.max_contexts_per_word,
-        lowercase=config.lowercase, max_line_bytes=config.max_line_bytes, window=config.context_window,
-        seed=config.seed, progress=progress)
-    sample_s = time.time() - t0
-    n_contexts = sum(b["contexts"] for b in buckets)
-    without = sum(b["words_without_contexts"] for b in buckets)
-    log(f"preprocess: {targets.num_rows} target words, {n_contexts} contexts in {config.num_buckets} buckets "
-        f"in {sample_s:.1f}s")
-    if without:
-        log(f"preprocess: warning: {without} words have no context in the corpus (kept with an empty list)")
 
-    result = manifest.write(
-        output, "preprocess", to_dict(config), started, inputs=inputs,
-        mode="words" if words is not None else "train",
-        words_not_single_tokens=unmatchable,
-        lines=lines.as_dict(), tokens=tokens, words=counts.num_rows,
-        target_words=targets.num_rows, not_targets=not_targets, contexts_written=n_contexts, words_without_contexts=without,
-        files={"vocab": [storage.redact(u) for u in vocab_files],
-               "contexts": [storage.redact(contexts.bucket_uri(output, b)) for b in range(config.num_buckets)]},
-        buckets=buckets, timings={"count_s": round(count_s, 3), "sample_s": round(sample_s, 3)},
-        ray={"cpus": cpus})
-    log(f"preprocess: done in {result['wall_time_s']:.1f}s -> {storage.redact(output)}")
-    return result
-
+STAGE = Stage(name="preprocess", config=PreprocessConfig, outputs=OUTPUT_NAMES, inputs=_inputs, check=_check,
+              work=_preprocess,
+              summary=lambda m: f"{m['lines']['used']} lines, {m['tokens']} tokens, {m['target_words']} target words")
+preprocess = STAGE.run
 
 if __name__ == "__main__":
-    main(PreprocessConfig, preprocess, __doc__, prog="python -m jobs.preprocess")
+    STAGE.main(__doc__, "preprocess")
