@@ -23,19 +23,20 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from jobs.common import connect_ray, log, main
+from jobs.common import connect_ray, log
 from jobs.console import progress
 from jobs.preprocess import PreprocessConfig, preprocess, unmatchable_words
-from jobs.preprocess import read_words as read_corpus_words
+from jobs.stage import Stage, upstream
 from pipeline import infer as bertram_infer
 from pipeline import manifest, storage
-from pipeline.config import ConfigError, to_dict
-from pipeline.model import CONFIG_NAME, NGRAMS_NAME, WEIGHTS_NAME, autocast, uses_context, uses_form, weights_problem
+from pipeline.config import ConfigError
+from pipeline.model import saved_config, uses_context, uses_form
+from pipeline.words import read_words as words_file
+from pipeline.words import vector_lines
 
 OUTPUT_NAMES = ("vectors.parquet", "vectors.txt")
 PREPROCESSED = "preprocessed"  # the sub-output where --corpus contexts are gathered
 PREPROCESS_BUCKETS = 8  # an inference word list is small next to a training vocabulary
-VECTORS_SCHEMA = pa.schema([("word", pa.string()), ("vector", pa.list_(pa.float32())), ("n_contexts", pa.int32())])
 
 
 @dataclass(kw_only=True)
@@ -109,27 +110,6 @@ class InferConfig(InferOptions):
                               "--contexts URI (a jobs.preprocess output, parquet or word<TAB>context... text)")
 
 
-def model_config(uri: str) -> dict:
-    """The saved config of the BERTRAM model at `uri`, once its files are known to be there."""
-    where = f"--bertram {storage.redact(uri)}"
-    if not storage.exists(storage.join(uri, CONFIG_NAME)):
-        raise ConfigError(f"{where} holds no BERTRAM model ({CONFIG_NAME} missing); run jobs.train (and jobs.fuse) "
-                          "first, or fix the URI")
-    config = storage.read_json(storage.join(uri, CONFIG_NAME))
-    if not isinstance(config, dict) or "mode" not in config:
-        raise ConfigError(f"{where}: {CONFIG_NAME} is not a BERTRAM config (no mode); give a jobs.train or "
-                          "jobs.fuse output")
-    needed = [WEIGHTS_NAME] + ([NGRAMS_NAME] if uses_form(config["mode"]) else [])
-    missing = [name for name in needed if not storage.exists(storage.join(uri, name))]
-    if missing:
-        raise ConfigError(f"{where} is an incomplete model ({', '.join(missing)} missing); run jobs.train "
-                          "(and jobs.fuse) again")
-    problem = weights_problem(storage.join(uri, WEIGHTS_NAME))
-    if problem:  # found now, not by the actors after the corpus pass
-        raise ConfigError(f"{where}: {WEIGHTS_NAME} is {problem}; run jobs.train (and jobs.fuse) again")
-    return config
-
-
 def _shown(words: list[str]) -> str:
     return ", ".join(repr(w) for w in words[:5]) + (f" and {len(words) - 5} more" if len(words) > 5 else "")
 
@@ -140,68 +120,11 @@ def _no_contexts_error(uri: str, words: list[str]) -> ConfigError:
                        "a form part (form, add, add-quotes, replace, shallow, gated)")
 
 
-def _clear(output: str) -> None:
-    """Make `output` hold no vectors that could pass for this run's (the manifest goes first).
-
-    A complete `preprocessed/` sub-output is kept: jobs.preprocess reuses it. Files that
-    belong to no infer output mean a user's directory: nothing is deleted then.
-    """
-    if storage.exists(output):
-        manifest.check_owned(output, OUTPUT_NAMES + (PREPROCESSED,), "an infer")
-        storage.delete(manifest.manifest_uri(output))
-        for name in OUTPUT_NAMES:
-            storage.delete(storage.join(output, name))
-    storage.make_dirs(output)
-
-
-def vectors_table(words: list[str], vectors: np.ndarray, n_contexts: list[int]) -> pa.Table:
-    """The vectors.parquet table of `words`, their vectors (W, D) and context counts."""
-    dim = vectors.shape[1]
-    offsets = pa.array(np.arange(0, len(words) * dim + 1, dim, dtype=np.int32))
-    flat = pa.array(vectors.astype(np.float32).reshape(-1))
-    return pa.table({"word": pa.array(words, pa.string()), "vector": pa.ListArray.from_arrays(offsets, flat),
-                     "n_contexts": pa.array(n_contexts, pa.int32())}, schema=VECTORS_SCHEMA)
-
-
-class InferActor:
-    """Ray Data actor: loads the BERTRAM model and its tokenizer once, infers a batch of words per call."""
-
-    def __init__(self, bertram: str, use_gpu: bool, bf16: bool = True, **settings: int):
-        import ray
-        import torch
-
-        # As many intra-op threads as CPUs this actor holds: actors side by side must not oversubscribe.
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, int(cpus)))
-        self.model, self.tokenizer = bertram_infer.load(bertram, "cuda" if use_gpu else "cpu")
-        self.settings = settings  # batch_contexts, max_contexts_per_chunk, max_seq_length
-        self.autocast = autocast("cuda" if use_gpu else "cpu", bf16)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        words, contexts = batch["word"].to_pylist(), batch["contexts"].to_pylist()
-        with self.autocast:
-            vectors = bertram_infer.infer_vectors(self.model, self.tokenizer, zip(words, contexts), **self.settings)
-        return vectors_table(words, np.stack([vectors[w].numpy() for w in words]),  # (W, D)
-                             [len(cs) for cs in contexts])
-
-
-def text_lines(table: pa.Table) -> tuple[list[str], int]:
-    """`<word> <v1> ... <vn>` lines (9 significant digits: float32 values read back exactly) and
-    the number of words left out because they hold whitespace, which the format cannot carry."""
-    lines, skipped = [], 0
-    for word, vector in zip(table["word"].to_pylist(), table["vector"].to_numpy(zero_copy_only=False)):
-        if word.split() != [word]:
-            skipped += 1
-            continue
-        lines.append(f"{word} " + " ".join(f"{x:.9g}" for x in vector.tolist()))
-    return lines, skipped
-
-
 def read_words(config: InferConfig, mode: str) -> list[str] | None:
     """The words of --words (lowercased with --corpus and --lowercase, as the corpus is), or None."""
     if not config.corpus:
-        return bertram_infer.read_words(config.words) if config.words else None
-    words = read_corpus_words(config.words, config.lowercase)
+        return words_file(config.words) if config.words else None
+    words = words_file(config.words, lowercase=config.lowercase)
     if not uses_form(mode) and (never := unmatchable_words(words, config.lowercase)):
         raise _no_contexts_error(config.bertram, never)  # they can never have contexts: fail before the corpus
     return words
@@ -251,7 +174,7 @@ def infer_on_ray(config: InferConfig, words: list[str], contexts: dict[str, list
     actors = min(actors, blocks)
     # --- Ray: a dataset of (word, contexts) rows through an actor pool, each actor holding the model.
     ds = ray.data.from_items([{"word": w, "contexts": contexts[w]} for w in words], override_num_blocks=blocks)
-    vectors = ds.map_batches(InferActor, batch_size=-(-len(words) // blocks), batch_format="pyarrow",
+    vectors = ds.map_batches(bertram_infer.InferActor, batch_size=-(-len(words) // blocks), batch_format="pyarrow",
                              compute=ray.data.ActorPoolStrategy(size=actors),
                              num_cpus=per_actor, num_gpus=1 if config.use_gpu else 0,
                              fn_constructor_kwargs={"bertram": storage.absolute(config.bertram),
@@ -271,24 +194,24 @@ def in_order(table: pa.Table, words: list[str]) -> pa.Table:
     return table.take(np.argsort([position[w] for w in table["word"].to_pylist()]))
 
 
-def infer(config: InferConfig) -> dict:
-    """Run the stage; returns its manifest."""
-    output = config.output
-    model = model_config(config.bertram)
-    mode = model["mode"]
-    inputs = {"bertram_at": manifest.read(config.bertram)["finished_at"] if manifest.is_complete(config.bertram)
-              else None}
+def _inputs(config: InferConfig) -> dict:
+    saved_config(config.bertram)
+    inputs = upstream(bertram=(config.bertram, None))
     for flag in ("words", "corpus", "contexts"):  # inputs are checked before the output is touched
         uri = getattr(config, flag)
         if uri:
             inputs[flag] = [[storage.redact(f.uri), f.size] for f in storage.list_files(uri)]
-    if manifest.reusable(output, "infer", to_dict(config), config.overwrite, inputs):
-        log(f"infer: {storage.redact(output)} is complete (manifest.json); skipping. Use --overwrite to redo.")
-        return manifest.read(output)
-    started = time.time()
-    words = read_words(config, mode)
-    _clear(output)
+    return inputs
 
+
+def _check(config: InferConfig) -> tuple[str, dict, list[str] | None]:
+    model = saved_config(config.bertram)
+    return model["mode"], model, read_words(config, model["mode"])
+
+
+def _infer(config: InferConfig, ready: tuple[str, dict, list[str] | None]) -> dict:
+    mode, model, words = ready
+    started = time.time()
     words, contexts = gather(config, mode, words)
     without = [w for w in words if not contexts[w]]
     n_contexts = sum(len(cs) for cs in contexts.values())
@@ -305,25 +228,27 @@ def infer(config: InferConfig) -> dict:
     infer_s = time.time() - t0
 
     t0 = time.time()
-    storage.write_parquet(storage.join(output, "vectors.parquet"), table)
+    storage.write_parquet(storage.join(config.output, "vectors.parquet"), table)
     not_in_text = 0
     if config.write_text:
-        lines, not_in_text = text_lines(table)
-        storage.write_text(storage.join(output, "vectors.txt"), "".join(line + "\n" for line in lines))
+        lines, not_in_text = vector_lines(table["word"].to_pylist(), table["vector"].to_numpy(zero_copy_only=False))
+        storage.write_text(storage.join(config.output, "vectors.txt"), "".join(line + "\n" for line in lines))
         if not_in_text:
             log(f"infer: warning: {not_in_text} words hold whitespace and are only in vectors.parquet")
-    write_s = time.time() - t0
-    out = manifest.write(output, "infer", to_dict(config), started, inputs=inputs,
-                         mode=mode, base_model=model["base_model"], dim=model["output_size"],
-                         words=table.num_rows, contexts=n_contexts, words_without_contexts=len(without),
-                         words_without_contexts_sample=without[:20], words_not_in_text=not_in_text, actors=actors,
-                         words_per_s=round(table.num_rows / infer_s, 2),
-                         timings={"gather_s": round(gather_s, 3), "infer_s": round(infer_s, 3),
-                                  "write_s": round(write_s, 3)})
-    log(f"infer: {table.num_rows} vectors ({table.num_rows / infer_s:.1f} words/s on {actors} actors) -> "
-        f"{storage.redact(output)}")
-    return out
+    return dict(mode=mode, base_model=model["base_model"], dim=model["output_size"],
+                words=table.num_rows, contexts=n_contexts, words_without_contexts=len(without),
+                words_without_contexts_sample=without[:20], words_not_in_text=not_in_text, actors=actors,
+                words_per_s=round(table.num_rows / infer_s, 2),
+                timings={"gather_s": round(gather_s, 3), "infer_s": round(infer_s, 3),
+                         "write_s": round(time.time() - t0, 3)})
 
+
+STAGE = Stage(name="infer", config=InferConfig, outputs=OUTPUT_NAMES, keep=(PREPROCESSED,), inputs=_inputs,
+              check=_check, work=_infer,
+              done=lambda c, m: f"{m['words']} vectors ({m['words_per_s']:.1f} words/s on {m['actors']} actors) -> "
+                                f"{storage.redact(c.output)}",
+              summary=lambda m: f"{m.get('words')} words")
+infer = STAGE.run
 
 if __name__ == "__main__":
-    main(InferConfig, infer, __doc__, prog="python -m jobs.infer")
+    STAGE.main(__doc__, "infer")

@@ -60,6 +60,8 @@ class Stage(Generic[C]):
     """The fingerprint of what it reads (upstream manifests' finished_at, file sizes): a change redoes it."""
     check: Callable[[C], Any] = _nothing
     """What must hold before the output is touched (raises one line); returns what the work needs."""
+    keep: tuple[str, ...] = ()
+    """Top-level names under --output a reset keeps (a sub-output the stage reuses: jobs.infer's preprocessed/)."""
     reset: bool = True
     """False: the work resets (or resumes) its output itself (training continues from its checkpoints)."""
     settings: Callable[[C], dict] = to_dict
@@ -82,7 +84,7 @@ class Stage(Generic[C]):
         started = time.time()
         ready = self.check(config)
         if self.reset:
-            manifest.reset(output, name, self.outputs)
+            manifest.reset(output, name, self.outputs, self.keep)
         fields = self.work(config, ready)
         result = manifest.write(output, name, self.settings(config), started, inputs=inputs, **fields)
         if self.done is not None:

@@ -260,3 +260,31 @@ def _pack(chunks: list[tuple[str, list[str]]], batch_contexts: int) -> Iterator[
         size += n
     if batch:
         yield batch
+
+
+class InferActor:
+    """Ray Data actor (jobs.infer): loads the BERTRAM model and its tokenizer once, infers a batch of words
+    (a pyarrow table of word, contexts) per call into vectors.parquet's rows."""
+
+    def __init__(self, bertram: str, use_gpu: bool, bf16: bool = True, **settings: int):
+        import ray
+
+        from pipeline.model import autocast
+
+        # As many intra-op threads as CPUs this actor holds: actors side by side must not oversubscribe.
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))
+        self.model, self.tokenizer = load(bertram, "cuda" if use_gpu else "cpu")
+        self.settings = settings  # batch_contexts, max_contexts_per_chunk, max_seq_length
+        self.autocast = autocast("cuda" if use_gpu else "cpu", bf16)
+
+    def __call__(self, batch):
+        import numpy as np
+
+        from pipeline.words import vectors_table
+
+        words, contexts = batch["word"].to_pylist(), batch["contexts"].to_pylist()
+        with self.autocast:
+            vectors = infer_vectors(self.model, self.tokenizer, zip(words, contexts), **self.settings)
+        return vectors_table(words, np.stack([vectors[w].numpy() for w in words]),  # (W, D)
+                             [len(cs) for cs in contexts])

@@ -59,16 +59,24 @@ def reusable(output: str, stage: str, config: dict[str, Any], overwrite: bool,
     return True
 
 
-def reset(output: str, stage: str, owned: tuple[str, ...]) -> None:
+def reset(output: str, stage: str, owned: tuple[str, ...], keep: tuple[str, ...] = ()) -> None:
     """Clear `output` for a fresh run of the stage, so stale files can never mix with new ones.
 
-    Only a directory whose every top-level name matches `owned` (or is the manifest) is
-    cleared: a user's directory is never deleted.
+    Only a directory whose every top-level name matches `owned` or `keep` (or is the manifest) is
+    cleared, and of it only what `keep` does not name (a sub-output the stage reuses): a user's
+    directory is never deleted.
     """
     if storage.exists(output):
-        check_owned(output, owned, f"a {stage}")
+        check_owned(output, owned + keep, f"{'an' if stage[0] in 'aeiou' else 'a'} {stage}")
         storage.delete(manifest_uri(output))  # first: from here on the output is partial
-        storage.delete(output)
+        if not keep:
+            storage.delete(output)
+        else:
+            prefix = storage.join(storage.absolute(output), "")
+            for f in storage.list_files(output, hidden=True):
+                top = f.uri[len(prefix):].lstrip("/").split("/", 1)[0] if f.uri.startswith(prefix) else f.uri
+                if not any(fnmatch.fnmatchcase(top, pattern) for pattern in keep):
+                    storage.delete(f.uri)
     storage.make_dirs(output)
 
 

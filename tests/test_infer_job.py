@@ -18,13 +18,13 @@ from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 import jobs.infer
 from jobs.augment import AugmentConfig, augment
-from pipeline.words import read_vectors
 from jobs.common import main
 from jobs.infer import InferConfig, infer
 from pipeline import infer as api
 from pipeline import manifest, storage
 from pipeline.config import ConfigError
 from pipeline.model import Bertram, NgramVocab
+from pipeline.words import read_vectors, vector_lines, vectors_table
 from tests.conftest import REPO
 
 WORDS = ["kumquat", "apple", "orange", "river", "stone", "sweetness", "tree", "green"]
@@ -172,7 +172,7 @@ def test_words_and_corpus_gather_contexts_with_preprocess_and_a_rerun_is_skipped
 def test_vectors_come_back_in_the_input_order_whatever_order_the_actors_finished_in():
     words = ["kumquat", "apple", "river", "stone", "tree"]
     vectors = np.arange(10, dtype=np.float32).reshape(5, 2)  # (W, D)
-    shuffled = jobs.infer.vectors_table(words, vectors, [1, 2, 3, 4, 5]).take([3, 0, 4, 2, 1])
+    shuffled = vectors_table(words, vectors, [1, 2, 3, 4, 5]).take([3, 0, 4, 2, 1])
     table = jobs.infer.in_order(shuffled, words)
     assert table["word"].to_pylist() == words and table["n_contexts"].to_pylist() == [1, 2, 3, 4, 5]
     np.testing.assert_array_equal(np.array(table["vector"].to_pylist(), np.float32), vectors)
@@ -305,9 +305,9 @@ def test_vectors_read_the_same_from_an_output_its_parquet_and_its_text(tmp_path)
     words, vectors = ["kumquat", "apple"], np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
     out = tmp_path / "vectors"
     out.mkdir()
-    storage.write_parquet(str(out / "vectors.parquet"), jobs.infer.vectors_table(words, vectors, [3, 0]))
+    storage.write_parquet(str(out / "vectors.parquet"), vectors_table(words, vectors, [3, 0]))
     table = storage.read_parquet(str(out / "vectors.parquet"))
-    lines, _ = jobs.infer.text_lines(table)
+    lines, _ = vector_lines(table["word"].to_pylist(), table["vector"].to_numpy(zero_copy_only=False))
     (out / "vectors.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (tmp_path / "w2v.txt").write_text("2 5\n" + "\n".join(lines) + "\n", encoding="utf-8")  # with a header
     for uri in (out, out / "vectors.parquet", out / "vectors.txt", tmp_path / "w2v.txt"):
