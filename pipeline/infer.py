@@ -33,7 +33,7 @@ from pipeline import storage
 # Giving the vectors to a language model lives in pipeline/augment.py; these names stay importable from here.
 from pipeline.augment import STYLES, add_plain_words, add_word_vectors_to_model, rewrite, token_for  # noqa: F401
 from pipeline.augment import check_word
-from pipeline.batching import encode, mask_word
+from pipeline.batching import encode, usable_contexts
 from pipeline.model import Bertram, uses_context, uses_form
 from pipeline.targets import word_pieces
 
@@ -215,12 +215,6 @@ def _infer(model: Bertram, tokenizer: PreTrainedTokenizerBase, words: list[str],
         return form
     vectors = model(**t)  # (B, D)
     return torch.where((used > 0).to(device).unsqueeze(-1), vectors, form)  # (B, D)
-
-
-def usable_contexts(word: str, contexts: Iterable[str], limit: int | None = None) -> list[str]:
-    """The distinct contexts that contain `word` as a whole word (those inference reads), at most the first `limit`."""
-    usable = [c for c in dict.fromkeys(contexts) if mask_word(word, c, "[MASK]") is not None]
-    return usable[:limit]
 
 
 def _require_contexts(missing: list[str]) -> None:
