@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from pipeline.model import autocast, bf16_available  # noqa: E402
+from pipeline.model import autocast  # noqa: E402
+from pipeline.precision import bf16_available  # noqa: E402
 from pipeline.targets import resolve_model  # noqa: E402
 
 

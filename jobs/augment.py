@@ -9,7 +9,7 @@ columns, or `<word> <v1> ... <vn>` text; adds the tokens to the model's tokenize
 their vectors as rows of its input embeddings; saves model and tokenizer with
 `save_pretrained` (plain transformers loads them) and `manifest.json` last. Two tokens per
 word (pipeline/augment.py): `<BERTRAM:w>` for rewritten text (`a kumquat / <BERTRAM:kumquat>`,
-`pipeline.infer.rewrite`), and with --plain_words (the default) the plain word itself, as a
+`pipeline.augment.rewrite`), and with --plain_words (the default) the plain word itself, as a
 whole word, so unmodified text, `pipeline("fill-mask")` and `SentenceTransformer.encode`
 use the vector. A sentence-transformers base (modules.json) gives a sentence-transformers
 model: its pooling and normalisation modules are kept.
@@ -150,7 +150,7 @@ def _augment(config: AugmentConfig, ready: dict) -> dict:
 def _usage(output: str, head: str, word: str, token: str, plain: bool, sentence_transformers: bool) -> str:
     where = storage.redact(output) if storage.is_local(output) else (
         storage.local_copy(output) or "<a local copy of " + storage.redact(output) + ">")
-    text = f"a {word} is ..." if plain else f"... {word} / {token} ... (pipeline.infer.rewrite)"
+    text = f"a {word} is ..." if plain else f"... {word} / {token} ... (pipeline.augment.rewrite)"
     if sentence_transformers:
         return f'SentenceTransformer("{where}").encode(["{text}"])'
     cls = "AutoModelForMaskedLM" if head == "masked_lm" else "AutoModel"

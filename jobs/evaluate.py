@@ -31,7 +31,7 @@ import torch
 from jobs.common import log
 from jobs.stage import Stage, upstream
 from pipeline import evaluate as ev
-from pipeline import downstream, families, infer, storage, targets, wnlampro
+from pipeline import augment, downstream, families, infer, storage, targets, wnlampro
 from pipeline.config import ConfigError
 from pipeline.model import autocast, embedding_size, saved_config
 from pipeline.words import read_words
@@ -82,9 +82,9 @@ class EvaluateOptions:
             raise ConfigError(f"--plot_words must be >= 0, got {self.plot_words}")
         if self.wnlampro_set not in WNLAMPRO_SETS:
             raise ConfigError(f"--wnlampro_set must be one of {', '.join(WNLAMPRO_SETS)}, got {self.wnlampro_set!r}")
-        bad = [s for s in self.styles if s not in infer.STYLES]
+        bad = [s for s in self.styles if s not in augment.STYLES]
         if bad or not self.styles:
-            raise ConfigError(f"--styles must be a list of {', '.join(infer.STYLES)}, got {self.styles}")
+            raise ConfigError(f"--styles must be a list of {', '.join(augment.STYLES)}, got {self.styles}")
         if not self.downstream_counts or any(n < 1 for n in self.downstream_counts):
             raise ConfigError(f"--downstream_counts must be numbers of contexts >= 1, e.g. 1,8,16; got "
                               f"{self.downstream_counts}")

@@ -184,7 +184,7 @@ def reach(words: Iterable[str], plain: Mapping[str, str], whole_rows: Iterable[s
         if word in reached:
             continue
         if any(ch.isspace() for ch in word):
-            out[word] = "holds a space: text reaches it as <BERTRAM:w> (pipeline.infer.rewrite)"
+            out[word] = "holds a space: text reaches it as <BERTRAM:w> (pipeline.augment.rewrite)"
         else:
             out[word] = "one token of the tokenizer already: its own row stays (--whole_words keep)"
     return out

@@ -10,6 +10,7 @@ Contexts that do not contain the word are skipped and counted.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,12 @@ def mask_word(word: str, context: str, mask_token: str) -> str | None:
     pattern = re.compile(rf"(?<![\w]){re.escape(word)}(?![\w])")
     masked, n = pattern.subn(mask_token, context)
     return masked if n else None
+
+
+def usable_contexts(word: str, contexts: Iterable[str], limit: int | None = None) -> list[str]:
+    """The distinct contexts that contain `word` as a whole word (those inference reads), at most the first `limit`."""
+    usable = [c for c in dict.fromkeys(contexts) if mask_word(word, c, "[MASK]") is not None]
+    return usable[:limit]
 
 
 def pad_pieces(pieces: list[list[int]]) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from pipeline.storage import ConfigError, UserError
+from pipeline.storage import ConfigError
 
 T = TypeVar("T")
 

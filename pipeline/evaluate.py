@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import infer, wnlampro
+from pipeline import augment, infer, wnlampro
 from pipeline.batching import mask_word
 from pipeline.model import uses_context, uses_form
 from pipeline.targets import split_by_pieces, wordpiece_without
@@ -272,7 +272,7 @@ def wnlampro_results(lm, tokenizer, entries: list[wnlampro.Entry], vectors: dict
     as `<BERTRAM:w>` tokens in each style. Adds those tokens to `lm` and `tokenizer`."""
     plain = wnlampro.rank_targets(lm, tokenizer, entries, "plain", batch_size=batch_size, device=device)
     results = {"plain": wnlampro.score(plain, entries)}
-    infer.add_word_vectors_to_model(vectors, tokenizer, lm)
+    augment.add_word_vectors_to_model(vectors, tokenizer, lm)
     for style in styles:
         ranks = wnlampro.rank_targets(lm, tokenizer, entries, style, batch_size=batch_size, device=device,
                                       bertram_words=set(vectors))

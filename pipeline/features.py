@@ -25,8 +25,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import manifest, storage
-from pipeline.batching import encode
-from pipeline.infer import usable_contexts
+from pipeline.batching import encode, usable_contexts
 from pipeline.model import autocast
 
 FEATURES_SCHEMA = pa.schema([("word", pa.string()), ("count", pa.int64()),

@@ -1,15 +1,15 @@
 """Use a trained BERTRAM model: infer word vectors and give them to a language model.
 
-    from pipeline import infer
+    from pipeline import augment, infer
     bertram, tokenizer = infer.load("s3://bucket/bertram-add")  # or a local directory
     vectors = infer.infer_vectors(bertram, tokenizer, {"kumquat": ["a kumquat is a small orange fruit ."]})
     lm, lm_tokenizer = AutoModelForMaskedLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
-    infer.add_plain_words(vectors, lm_tokenizer, lm)  # plain "kumquat" now carries its vector
+    augment.add_plain_words(vectors, lm_tokenizer, lm)  # plain "kumquat" now carries its vector
     lm(**lm_tokenizer("a kumquat is sweet", return_tensors="pt"))
 
 (`name` is the language model BERTRAM was trained for, `bertram.config.base_model`. Or
-`infer.add_word_vectors_to_model` adds the token <BERTRAM:kumquat> for rewritten text:
-`infer.rewrite` gives "a kumquat / <BERTRAM:kumquat> is sweet", the paper's input;
+`augment.add_word_vectors_to_model` adds the token <BERTRAM:kumquat> for rewritten text:
+`augment.rewrite` gives "a kumquat / <BERTRAM:kumquat> is sweet", the paper's input;
 pipeline/augment.py says how the two differ.)
 
 A word's vector comes from its form (character n-grams) and/or its contexts, depending on
@@ -30,10 +30,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline import storage
-# Giving the vectors to a language model lives in pipeline/augment.py; these names stay importable from here.
-from pipeline.augment import STYLES, add_plain_words, add_word_vectors_to_model, rewrite, token_for  # noqa: F401
 from pipeline.augment import check_word
-from pipeline.batching import encode, mask_word
+from pipeline.batching import encode, usable_contexts
 from pipeline.model import Bertram, uses_context, uses_form
 from pipeline.targets import word_pieces
 
@@ -215,12 +213,6 @@ def _infer(model: Bertram, tokenizer: PreTrainedTokenizerBase, words: list[str],
         return form
     vectors = model(**t)  # (B, D)
     return torch.where((used > 0).to(device).unsqueeze(-1), vectors, form)  # (B, D)
-
-
-def usable_contexts(word: str, contexts: Iterable[str], limit: int | None = None) -> list[str]:
-    """The distinct contexts that contain `word` as a whole word (those inference reads), at most the first `limit`."""
-    usable = [c for c in dict.fromkeys(contexts) if mask_word(word, c, "[MASK]") is not None]
-    return usable[:limit]
 
 
 def _require_contexts(missing: list[str]) -> None:

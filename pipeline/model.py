@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from pipeline import storage
+from pipeline.precision import bf16_available
 
 MODES = ("form", "context", "add", "add-quotes", "replace", "shallow", "gated")
 FUSED_MODES = ("add", "add-quotes", "replace", "shallow", "gated")
@@ -41,14 +42,6 @@ CONTEXT_FEATURES = ("mask", "mask4", "mask+pooled", "mask4+pooled")
 PAD, UNK = 0, 1  # n-gram ids
 SHARED_DIRECTIONS = 3  # directions projected out of a pieces model's context part, by default (BENCHMARKS.md)
 CONFIG_NAME, WEIGHTS_NAME, NGRAMS_NAME = "config.json", "model.safetensors", "ngram_vocab.json"
-
-
-def bf16_available(device) -> bool:
-    """bf16 autocast pays off: a CUDA GPU, or a CPU with AMX / AVX-512 bf16 units."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def autocast(device, enabled: bool = True):

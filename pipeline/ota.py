@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import bf16_available  # noqa: F401  (OtaSettings.bf16 uses it; benchmarks import it here)
+from pipeline.precision import bf16_available
 
 SCHEDULES = ("constant", "cosine")
 

@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 from jobs.common import main
 from jobs.evaluate import EvaluateConfig, evaluate
 from pipeline import evaluate as ev
-from pipeline import infer, storage, wnlampro
+from pipeline import augment, infer, storage, wnlampro
 from pipeline.model import Bertram, NgramVocab
 
 WORDS = ["the", "a", "is", "of", "and", "kind", "fruit", "tree", "river", "stone", "apple", "orange", "small",
@@ -140,8 +140,8 @@ def test_wnlampro_rows_use_the_inferred_vectors(tmp_path, setup, monkeypatch):
         used.update(vectors)
         return add(vectors, tokenizer, model)
 
-    add = infer.add_word_vectors_to_model
-    monkeypatch.setattr(infer, "add_word_vectors_to_model", spy)
+    add = augment.add_word_vectors_to_model
+    monkeypatch.setattr(augment, "add_word_vectors_to_model", spy)
     evaluate(_config(setup, tmp_path / "eval", heldout=None, compare=[], wnlampro=setup["wnlampro"]))
     report = json.loads((tmp_path / "eval" / "report.json").read_text())["wnlampro"]
     entries = wnlampro.select(wnlampro.read_dataset(setup["wnlampro"]), "test")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
-from pipeline import infer, storage
+from pipeline import augment, infer, storage
 from pipeline.model import Bertram, NgramVocab
 
 WORDS = ["kumquat", "apple", "orange", "river", "stone", "sweetness", "tree", "green"]
@@ -199,20 +199,20 @@ def test_added_tokens_are_one_piece_whose_embedding_is_the_vector(base_model, lm
     vocab_size, dim = before.shape
     vectors = {"kumquat": torch.randn(dim, generator=torch.Generator().manual_seed(0)),
                "ʘ̃ʘ": np.random.default_rng(0).standard_normal(dim).astype(np.float32)}
-    tokens = infer.add_word_vectors_to_model(vectors, tokenizer, lm)
+    tokens = augment.add_word_vectors_to_model(vectors, tokenizer, lm)
     assert tokens == ["<BERTRAM:kumquat>", "<BERTRAM:ʘ̃ʘ>"] and len(tokenizer) == vocab_size + 2
     weight = lm.get_input_embeddings().weight
     assert weight.shape == (vocab_size + 2, dim) and torch.equal(weight[:vocab_size], before)
     for word, token in zip(vectors, tokens):
         assert tokenizer.tokenize(token) == [token]
         token_id = tokenizer.convert_tokens_to_ids(token)
-        assert token_id in tokenizer(infer.rewrite(f"a {word} is sweet", [word]))["input_ids"]
+        assert token_id in tokenizer(augment.rewrite(f"a {word} is sweet", [word]))["input_ids"]
         assert torch.equal(weight[token_id], torch.as_tensor(vectors[word]))
-    out = lm(**tokenizer(infer.rewrite("a kumquat is sweet", vectors), return_tensors="pt"))
+    out = lm(**tokenizer(augment.rewrite("a kumquat is sweet", vectors), return_tensors="pt"))
     if lm_class is AutoModelForMaskedLM:  # the tied output layer grew with the input embeddings
         assert out.logits.shape[-1] == vocab_size + 2
 
-    infer.add_word_vectors_to_model({"kumquat": torch.ones(dim)}, tokenizer, lm)  # again: overwrite
+    augment.add_word_vectors_to_model({"kumquat": torch.ones(dim)}, tokenizer, lm)  # again: overwrite
     assert len(tokenizer) == vocab_size + 2
     assert torch.equal(lm.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(tokens[0])], torch.ones(dim))
 
@@ -222,7 +222,7 @@ def test_a_vector_of_the_wrong_size_is_refused_before_anything_changes(tiny_bert
     dim, size = lm.get_input_embeddings().embedding_dim, len(tokenizer)
     for bad in (torch.zeros(dim + 1), torch.zeros(1, dim)):
         with pytest.raises(ValueError, match=rf"'kumquat'.*size {dim}"):
-            infer.add_word_vectors_to_model({"apple": torch.zeros(dim), "kumquat": bad}, tokenizer, lm)
+            augment.add_word_vectors_to_model({"apple": torch.zeros(dim), "kumquat": bad}, tokenizer, lm)
     assert len(tokenizer) == size and lm.get_input_embeddings().num_embeddings == size
 
 
@@ -245,7 +245,7 @@ def test_an_augmented_model_saved_with_transformers_reloads_in_a_fresh_process(t
     for name, base in (("bert", tiny_bert), ("roberta", tiny_roberta)):
         lm, tokenizer = AutoModelForMaskedLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
         vector = torch.randn(lm.get_input_embeddings().embedding_dim, generator=torch.Generator().manual_seed(1))
-        infer.add_word_vectors_to_model({"kumquat": vector}, tokenizer, lm)
+        augment.add_word_vectors_to_model({"kumquat": vector}, tokenizer, lm)
         lm.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
         expected[str(tmp_path / name)] = (tokenizer.convert_tokens_to_ids("<BERTRAM:kumquat>"), vector, len(tokenizer))
@@ -278,13 +278,13 @@ def test_an_augmented_model_saved_with_transformers_reloads_in_a_fresh_process(t
     ("nothing to do", [], "slash", "nothing to do"),
 ])
 def test_rewrite(text, words, style, expected):
-    assert infer.rewrite(text, words, style) == expected
+    assert augment.rewrite(text, words, style) == expected
 
 
 def test_rewrite_takes_the_vectors_dict_and_refuses_unknown_styles():
-    assert infer.rewrite("a kumquat", {"kumquat": torch.zeros(2)}) == "a kumquat / <BERTRAM:kumquat>"
+    assert augment.rewrite("a kumquat", {"kumquat": torch.zeros(2)}) == "a kumquat / <BERTRAM:kumquat>"
     with pytest.raises(ValueError, match="slash, replace"):
-        infer.rewrite("a kumquat", ["kumquat"], style="both")
+        augment.rewrite("a kumquat", ["kumquat"], style="both")
 
 
 def test_the_usage_example_of_the_module_docstring_works_end_to_end(tmp_path, tiny_bert):
@@ -294,8 +294,8 @@ def test_the_usage_example_of_the_module_docstring_works_end_to_end(tmp_path, ti
     vectors = infer.infer_vectors(bertram, tokenizer, {"kumquat": ["a kumquat is a small orange fruit ."]})
     name = bertram.config.base_model
     lm, lm_tokenizer = AutoModelForMaskedLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
-    infer.add_word_vectors_to_model(vectors, lm_tokenizer, lm)
-    out = lm(**lm_tokenizer(infer.rewrite("a kumquat is sweet", vectors), return_tensors="pt"))
+    augment.add_word_vectors_to_model(vectors, lm_tokenizer, lm)
+    out = lm(**lm_tokenizer(augment.rewrite("a kumquat is sweet", vectors), return_tensors="pt"))
     out.logits.sum().backward()  # the augmented model can be fine-tuned: no inference tensors leaked into it
     token_id = lm_tokenizer.convert_tokens_to_ids("<BERTRAM:kumquat>")
     assert lm.get_input_embeddings().weight.grad[token_id].abs().sum() > 0

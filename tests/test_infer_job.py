@@ -22,6 +22,7 @@ from jobs.common import main
 from jobs.infer import InferConfig, infer
 from pipeline import infer as api
 from pipeline import manifest, storage
+from pipeline.augment import token_for
 from pipeline.config import ConfigError
 from pipeline.model import Bertram, NgramVocab
 from pipeline.words import read_vectors, vector_lines, vectors_table
@@ -278,7 +279,7 @@ def test_an_augmented_bert_and_roberta_reload_in_a_fresh_process(ray_local, tiny
             infer(_config(bertram, vectors, contexts=contexts))
         result = augment(AugmentConfig(vectors=str(vectors), model=str(lm), output=str(tmp_path / name),
                                        head=head))
-        assert result["tokens"] == [api.token_for(w) for w in data] and result["tokens_added"] == 3
+        assert result["tokens"] == [token_for(w) for w in data] and result["tokens_added"] == 3
         # Plain text reaches the words the tokenizer splits (and Kumquat where it is cased): kumquat and ʘ̃ʘ;
         # apple is one token of the tiny BERT's vocabulary (it keeps its own row), not of the tiny RoBERTa's
         assert result["plain_words"] == (2 if name.startswith("bert") else 3) and result["plain_forms"] >= 2
