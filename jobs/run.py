@@ -4,32 +4,10 @@
     python -m jobs.run --config jobs/configs/bert-base.yaml --corpus s3://bucket/corpus --output s3://bucket/run
     python -m jobs.run --config jobs/configs/demo.yaml --words my_rare_words.txt --context.epochs 2
 
-Stages, each into its own directory under --output:
+Its outputs under --output, in the order they are made: the list `PIPELINE` below (also the
+outputs tables of README.md and docs/DESIGN.md, generated from it by `python -m jobs.reference`):
 
-    preprocessed/   corpus → vocabulary + context buckets of the frequent words   (jobs.preprocess)
-    targets/        their input embeddings / One-Token-Approximations           (jobs.targets)
-    heldout.txt     a seeded share of the single-token targets, never trained on, and your
-                    --heldout words that are one token of the model
-    excluded.txt    with --heldout words the model splits: heldout.txt + those words
-    fusion_words.txt  gated/shallow fusion: a seeded share of the other targets that only
-                    the fused stage trains on (form and context never see them, so the gate
-                    learns how far to trust each part on words it has not memorised)
-    excluded_from_parts.txt  heldout.txt (excluded.txt) + fusion_words.txt: what form and context exclude
-    features/       cached frozen-encoder features of the training contexts    (jobs.features)
-    form/           form model (corpus targets + the LM's whole-word tokens)   (jobs.train --stage form)
-    context/        context model, trained on features/                        (jobs.train --stage context)
-    fused-init/     the two combined                                           (jobs.fuse)
-    fused/          the fused model, the final BERTRAM model                   (jobs.train --stage fused)
-    tuned/          opt-in (--tune.steps N): fused/ tuned for the LM's outputs  (jobs.tune); then
-                    the final model, which infer and evaluate use
-    rare_words.txt  the words to infer: the corpus's own rare words (those the model splits), or
-                    --words; with your --heldout words the model splits
-    vectors/        their vectors: vectors.parquet, vectors.txt                (jobs.infer)
-    augmented/      the language model with a <BERTRAM:w> token per word       (jobs.augment)
-    heldout-contexts/  with --heldout: the held-out words' contexts, any count      (jobs.preprocess --words)
-    evaluation/     report.md / report.json / PNGs                              (jobs.evaluate)
-    eval-corpus/    with --eval_corpus: the held-out words' contexts in another corpus (jobs.preprocess --words)
-    evaluation-eval-corpus/  the same evaluation with those contexts: another domain   (jobs.evaluate)
+{layout}
 
 Re-running the same command after a crash or a kill continues with the first incomplete
 stage (a training stage from its latest checkpoint). At the end a summary lists every
@@ -41,31 +19,43 @@ model; the console shows the pipeline's own lines, the full log is <output>/logs
 
 from __future__ import annotations
 
+import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.augment import AugmentConfig, augment
+from jobs import augment as augment_job
+from jobs import evaluate as evaluate_job
+from jobs import features as features_job
+from jobs import fuse as fuse_job
+from jobs import infer as infer_job
+from jobs import preprocess as preprocess_job
+from jobs import targets as targets_job
+from jobs import train as train_job
+from jobs import tune as tune_job
+from jobs.augment import AugmentConfig
 from jobs.common import log, main
 from jobs.console import say
-from jobs.evaluate import EvaluateConfig, EvaluateOptions, evaluate
+from jobs.evaluate import EvaluateConfig, EvaluateOptions
 from jobs.features import FeaturesConfig, FeaturesOptions
-from jobs.features import compute as compute_features
-from jobs.fuse import FuseConfig, fuse
-from jobs.infer import InferConfig, InferOptions, infer
-from jobs.preprocess import PreprocessConfig, PreprocessOptions, preprocess
-from jobs.preprocess import read_words as read_corpus_words
-from jobs.targets import TargetsConfig, TargetsOptions, compute_targets
-from jobs.train import TrainConfig, TrainOptions, train
-from jobs.tune import TuneConfig, TuneOptions, tune
+from jobs.fuse import FuseConfig
+from jobs.infer import InferConfig, InferOptions
+from jobs.preprocess import PreprocessConfig, PreprocessOptions
+from jobs.stage import Stage
+from jobs.targets import TargetsConfig, TargetsOptions
+from jobs.train import TrainConfig, TrainOptions
+from jobs.tune import TuneConfig, TuneOptions
 from pipeline import augment as augment_lib
 from pipeline import evaluate as ev
 from pipeline import storage, vocab
 from pipeline.config import ConfigError
 from pipeline.model import FUSED_MODES, GATED_MODES, reads_cached_features
-from pipeline.targets import resolve_model, whole_word_tokens
+from pipeline.targets import resolve_model
+from pipeline.words import read_words, write_words
 
 
 @dataclass
@@ -151,132 +141,247 @@ class RunConfig:
                               f"{self.rare_min_count}")
 
 
-class _Stages:
-    """Runs stages in order and remembers what each one took and wrote."""
+class Run:
+    """A run in progress: its config, where each output goes, the words files written so far, the
+    manifests of the stages done, and the time each took (for the summary)."""
 
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, float, str, str]] = []  # (stage, seconds, output, what)
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.common = dict(overwrite=config.overwrite, num_cpus=config.num_cpus)
+        self.words: dict[str, list[str]] = {}  # words file name -> its words ([] when not written)
+        self.mine: list[str] = []  # your --heldout words
+        self.mine_split: list[str] = []  # ... those the model splits
+        self.results: dict[str, dict] = {}
+        self.rows: list[tuple[str, float, str, str]] = []  # (label, seconds, output, what)
 
-    def run(self, name: str, output: str, fn, describe=lambda result: ""):
-        log(f"=== {name} -> {storage.redact(output)}")
-        t0 = time.time()
-        result = fn()
-        self.rows.append((name, time.time() - t0, storage.redact(output), describe(result)))
-        return result
+    def __getitem__(self, name: str) -> str:
+        """The URI of an output: run["fused/"], run["heldout.txt"]."""
+        return storage.join(self.config.output, name.rstrip("/"))
+
+    @property
+    def excluded(self) -> str | None:
+        """The words file every stage excludes: excluded.txt with your split --heldout words, else heldout.txt."""
+        return self["excluded.txt"] if self.mine_split else self["heldout.txt"] if self.words["heldout.txt"] else None
+
+    @property
+    def parts_excluded(self) -> str | None:
+        return self["excluded_from_parts.txt"] if self.words["excluded_from_parts.txt"] else None
+
+    @property
+    def features(self) -> str | None:
+        return self["features/"] if self.config.cache_features else None
+
+    @property
+    def final(self) -> str:
+        """The BERTRAM model infer and evaluate use: tuned/ when the opt-in tune stage runs, else fused/."""
+        return self["tuned/"] if self.config.tune.steps else self["fused/"]
+
+    @property
+    def contexts(self) -> str:
+        """Where the evaluated words' contexts are: heldout-contexts/ with your --heldout words (any count)."""
+        return self["heldout-contexts/"] if self.words["heldout.txt"] and self.mine else self["preprocessed/"]
+
+    def train(self, stage: str, **inputs) -> TrainConfig:
+        return TrainConfig(**vars(getattr(self.config, stage)), stage=stage, output=self[f"{stage}/"],
+                           preprocessed=self["preprocessed/"], targets=self["targets/"], model=self.config.model,
+                           **inputs, **self.common)
+
+    def evaluate(self, output: str, contexts: str, **options) -> EvaluateConfig:
+        compared = [f"form={self['form/']}", f"context={self['context/']}"] + (
+            [f"fused={self['fused/']}"] if self.final != self["fused/"] else [])  # tuned: the model it started from
+        return EvaluateConfig(**{**vars(self.config.evaluate), **options}, bertram=self.final, compare=compared,
+                              model=self.config.model, output=self[output], contexts=contexts,
+                              heldout=self["heldout.txt"] if self.words["heldout.txt"] else None,
+                              overwrite=self.config.overwrite)
+
+    def gather(self, corpus: str, output: str) -> PreprocessConfig:
+        """The held-out words' contexts in `corpus`, any count (jobs.preprocess --words)."""
+        return PreprocessConfig(**{**vars(self.config.preprocess), "min_count_target": 1}, corpus=corpus,
+                                words=self["heldout.txt"], output=self[output], **self.common)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output of a run under --output: what it is, what writes it, from what, and when."""
+
+    name: str
+    """Its name under --output (a directory ends with /)."""
+    what: str
+    """What it holds (README's outputs table)."""
+    form: str
+    """Its format (README's outputs table)."""
+    by: str
+    """What writes it: a job, or jobs.run itself (a words file)."""
+    runs_on: str
+    """Where the work runs (docs/DESIGN.md's table)."""
+    reads: str
+    """What it is made from (docs/DESIGN.md's table)."""
+    stage: Stage | None = None
+    """The stage that writes it, with `config`: the stage's config from the run's."""
+    config: Callable[[Run], Any] | None = None
+    write: Callable[[Run], list[str]] | None = None
+    """A words file jobs.run writes itself: returns its words ([] when it writes none)."""
+    when: Callable[[Run], bool] = lambda run: True
+    """Whether this run makes it."""
+    key: str = ""
+    """Its key in jobs.run's result (default: the stage's name)."""
+    label: str = ""
+    """Its label in the console and the summary (default: the stage's)."""
+    describe: Callable[[dict], str] | None = None
+    """The summary's words on it (default: the stage's)."""
+
+
+_MODEL_FILES = "`config.json`, `model.safetensors`, `ngram_vocab.json`, `tokenizer/`, `loss.png`, `checkpoints/`"
+
+
+def _is_gated(run: Run) -> bool:
+    return run.config.fuse_mode in GATED_MODES
+
+
+PIPELINE: tuple[Output, ...] = (
+    Output("preprocessed/", "vocabulary and context buckets of the frequent words",
+           "`vocab.parquet`, `contexts/bucket-*.parquet` (README, \"Outputs of `jobs.preprocess`\")", "jobs.preprocess",
+           "Ray Data tasks: one per split to count; one per split to sample, then one per bucket to select", "`--corpus`",
+           preprocess_job.STAGE, lambda r: PreprocessConfig(**vars(r.config.preprocess), corpus=r.config.corpus,
+                                                            output=r["preprocessed/"], **r.common)),
+    Output("targets/", "what BERTRAM learns to mimic",
+           "`targets.parquet`: `word`, `vector`, `source` (embedding / ota / mean); `ota_check.parquet`: the OTA "
+           "self-check", "jobs.targets",
+           "driver (embedding rows); Ray Data actor pool `OtaActor`, one LM per actor, `--use_gpu` for GPUs",
+           "`preprocessed/vocab.parquet`, `--model`",
+           targets_job.STAGE, lambda r: TargetsConfig(**vars(r.config.targets), preprocessed=r["preprocessed/"],
+                                                      model=r.config.model, output=r["targets/"], **r.common)),
+    Output("heldout.txt", "single-token target words kept out of training, for the evaluation, and your `--heldout` "
+           "words that are one token of the model", "one word per line", "jobs.run", "driver",
+           "`targets/targets.parquet`, `--heldout`", write=lambda r: _write_heldout(r)),
+    Output("excluded.txt", "with `--heldout` words the model splits: `heldout.txt` + those words, what every stage "
+           "excludes", "one word per line", "jobs.run", "driver", "`heldout.txt`, `--heldout`",
+           write=lambda r: write_words(r["excluded.txt"], sorted(set(r.words["heldout.txt"]) | set(r.mine_split))),
+           when=lambda r: bool(r.mine_split)),
+    Output("fusion_words.txt", "`gated`/`shallow` fusion: a seeded `fusion_fraction` of the other target words that "
+           "only the fused stage trains on (form and context never see them, so the gate learns how far to trust "
+           "each part on words it has not memorised)", "one word per line", "jobs.run", "driver",
+           "`targets/targets.parquet`, `preprocessed/vocab.parquet`", write=lambda r: _write_fusion_words(r),
+           when=lambda r: _is_gated(r) and r.config.fusion_fraction > 0),
+    Output("excluded_from_parts.txt", "`heldout.txt` (`excluded.txt`) + `fusion_words.txt`: the words the form and "
+           "context stages exclude", "one word per line", "jobs.run", "driver", "`heldout.txt`, `fusion_words.txt`",
+           write=lambda r: write_words(r["excluded_from_parts.txt"], sorted(
+               set(r.words["heldout.txt"]) | set(r.mine_split) | set(r.words.get("fusion_words.txt", []))))),
+    Output("features/", "the frozen encoder's features of up to `features.contexts_per_word` contexts per training "
+           "word, computed once (`cache_features`)", "`bucket-*.parquet`: `word`, `count`, `features` (a list of "
+           "vectors)", "jobs.features", "Ray Data actor pool `FeatureActor`",
+           "`preprocessed/contexts/`, `targets/`, `heldout.txt`", features_job.STAGE,
+           lambda r: FeaturesConfig(**vars(r.config.features), output=r["features/"], exclude_words=r.excluded,
+                                    preprocessed=r["preprocessed/"], targets=r["targets/"], model=r.config.model,
+                                    **r.common), when=lambda r: r.config.cache_features),
+    Output("form/", "the form model: corpus targets and the LM's whole-word tokens", _MODEL_FILES +
+           "; `vocab_words.parquet`: the LM's whole-word tokens it also trained on", "jobs.train --stage form",
+           "Ray Data tasks (plan, packed batches) into a Ray Train `TorchTrainer`",
+           "`targets/`, `preprocessed/` (vocabulary, and words and counts from the buckets), `excluded_from_parts.txt`",
+           train_job.STAGE, lambda r: r.train("form", exclude_words=r.parts_excluded), key="form"),
+    Output("context/", "the context model", _MODEL_FILES, "jobs.train --stage context", "as `form/`",
+           "`features/` (or `preprocessed/contexts/` without `cache_features`), `targets/`, `excluded_from_parts.txt`",
+           train_job.STAGE, lambda r: r.train("context", exclude_words=r.parts_excluded, features=r.features),
+           key="context"),
+    Output("fused-init/", "form + context combined before the fused stage", "as `form/`", "jobs.fuse", "driver",
+           "`form/`, `context/`, `features/` (pieces: the shared context directions)", fuse_job.STAGE,
+           lambda r: FuseConfig(form=r["form/"], context=r["context/"], mode=r.config.fuse_mode, output=r["fused-init/"],
+                                pieces=r.config.fuse_pieces and _is_gated(r), features=r.features,
+                                overwrite=r.config.overwrite)),
+    Output("fused/", "the fused model: the BERTRAM model to use", "as `form/`", "jobs.train --stage fused", "as `form/`",
+           "`fused-init/`, `features/` (gated/shallow) or `preprocessed/contexts/`, `targets/`, `heldout.txt`, "
+           "`fusion_words.txt` (`--only_words`)", train_job.STAGE,
+           lambda r: r.train("fused", init=r["fused-init/"], exclude_words=r.excluded,
+                             only_words=r["fusion_words.txt"] if r.words.get("fusion_words.txt") else None,
+                             features=r.features if reads_cached_features(r.config.fuse_mode) else None), key="fused"),
+    Output("tuned/", "opt-in (`--tune.steps N`): the fused model tuned for the language model's outputs; infer and "
+           "evaluate then use it", "as `form/`", "jobs.tune", "driver, one process",
+           "`fused/`, `preprocessed/contexts/`, `targets/`, `heldout.txt`", tune_job.STAGE,
+           lambda r: TuneConfig(**vars(r.config.tune), bertram=r["fused/"], preprocessed=r["preprocessed/"],
+                                targets=r["targets/"], exclude_words=r.excluded, output=r["tuned/"],
+                                overwrite=r.config.overwrite), when=lambda r: r.config.tune.steps > 0),
+    Output("rare_words.txt", "the words inferred when no `--words` is given: the corpus's most frequent words below "
+           "`min_count_target` that the tokenizer splits; with `--heldout`, also your words it splits",
+           "one word per line", "jobs.run", "driver",
+           "`preprocessed/vocab.parquet`, `--model`'s tokenizer, `--words`, `--heldout`",
+           write=lambda r: _write_rare_words(r), when=lambda r: not r.config.words or bool(r.mine_split)),
+    Output("vectors/", "the rare words' vectors", "`vectors.parquet` (`word`, `vector`, `n_contexts`), `vectors.txt` "
+           "(`<word> <v1> ... <vn>`, what gensim and the reference tools read)", "jobs.infer",
+           "Ray Data tasks (`vectors/preprocessed/`), then actor pool `InferActor`",
+           "`fused/` (`tuned/`), `--words` or `rare_words.txt`, `--corpus`", infer_job.STAGE,
+           lambda r: InferConfig(**vars(r.config.infer), bertram=r.final, corpus=r.config.corpus, output=r["vectors/"],
+                                 words=r["rare_words.txt"] if r.words.get("rare_words.txt") else r.config.words,
+                                 **r.common), key="infer"),
+    Output("augmented/", "the base model whose tokenizer maps each rare word (plain, as a whole word) and "
+           "`<BERTRAM:word>` to its vector", "a `save_pretrained` directory: `AutoTokenizer` / `AutoModelForMaskedLM` "
+           "(or `AutoModel`) load it; for a sentence-transformers base also `modules.json` and its modules: "
+           "`SentenceTransformer(path)` loads it", "jobs.augment", "driver", "`vectors/`, `--model`",
+           augment_job.STAGE, lambda r: AugmentConfig(vectors=r["vectors/"], model=r.config.model, output=r["augmented/"],
+                                                      plain_words=r.config.plain_words,
+                                                      whole_words=r.config.whole_words, overwrite=r.config.overwrite)),
+    Output("heldout-contexts/", "with `--heldout`: the contexts of every evaluated word, any count",
+           "a `jobs.preprocess --words heldout.txt` output", "jobs.preprocess --words", "as `preprocessed/`",
+           "`--corpus`, `heldout.txt`", preprocess_job.STAGE, lambda r: r.gather(r.config.corpus, "heldout-contexts/"),
+           when=lambda r: bool(r.words["heldout.txt"] and r.mine), key="heldout-contexts", label="heldout-contexts",
+           describe=lambda m: f"{m['target_words']} held-out words"),
+    Output("evaluation/", "held-out reconstruction, downstream fidelity of the language model (and WNLaMPro with "
+           "`--wnlampro FILE` and an MLM)", "`report.md`, `report.json`, `reconstruction.png`, `pca.png`",
+           "jobs.evaluate", "one process, no Ray", "`fused/` (`tuned/`), `form/`, `context/`, `heldout.txt`, "
+           "`preprocessed/` (`heldout-contexts/` with `--heldout`), `--model`, `--wnlampro`", evaluate_job.STAGE,
+           lambda r: r.evaluate("evaluation/", r.contexts, wnlampro=r.config.wnlampro),
+           when=lambda r: bool(r.words["heldout.txt"] or r.config.wnlampro)),
+    Output("eval-corpus/", "with `--eval_corpus URI` (a second corpus, another domain): the held-out words' contexts "
+           "there", "a `jobs.preprocess --words heldout.txt` output", "jobs.preprocess --words", "as `preprocessed/`",
+           "`--eval_corpus`, `heldout.txt`", preprocess_job.STAGE, lambda r: r.gather(r.config.eval_corpus, "eval-corpus/"),
+           when=lambda r: bool(r.words["heldout.txt"] and r.config.eval_corpus), key="eval-corpus", label="eval-corpus",
+           describe=lambda m: f"{m['target_words']} held-out words found"),
+    Output("evaluation-eval-corpus/", "the held-out evaluation again, with those contexts: how the vectors fare out of "
+           "domain", "`report.md`, `report.json`, `reconstruction.png`", "jobs.evaluate", "one process, no Ray",
+           "as `evaluation/`, with `eval-corpus/` for the contexts", evaluate_job.STAGE,
+           lambda r: r.evaluate("evaluation-eval-corpus/", r["eval-corpus/"], plot_words=0),
+           when=lambda r: bool(r.words["heldout.txt"] and r.config.eval_corpus), key="evaluate-eval-corpus",
+           label="evaluate (eval corpus)"),
+)
 
 
 def run(config: RunConfig) -> dict:
-    """Run every stage (skipping complete ones); returns the manifests by stage."""
+    """Make every output of `PIPELINE` this run needs, in order (a complete one is skipped); returns the
+    manifests by stage."""
     resolve_model(config.model)  # a model BERTRAM cannot serve is refused before the corpus is read
-    out = {name: storage.join(config.output, name) for name in
-           ("preprocessed", "targets", "features", "form", "context", "fused-init", "fused", "tuned", "vectors", "augmented",
-            "evaluation", "eval-corpus", "evaluation-eval-corpus", "heldout-contexts", "heldout.txt", "excluded.txt",
-            "fusion_words.txt", "excluded_from_parts.txt", "rare_words.txt")}
-    common = dict(overwrite=config.overwrite, num_cpus=config.num_cpus)
-    stages = _Stages()
-    results: dict[str, dict] = {}
-
-    results["preprocess"] = stages.run("preprocess", out["preprocessed"], lambda: preprocess(PreprocessConfig(
-        **vars(config.preprocess), corpus=config.corpus, output=out["preprocessed"], **common)),
-        lambda m: f"{m['lines']['used']} lines, {m['tokens']} tokens, {m['target_words']} target words")
-    results["targets"] = stages.run("targets", out["targets"], lambda: compute_targets(TargetsConfig(
-        **vars(config.targets), preprocessed=out["preprocessed"], model=config.model, output=out["targets"],
-        **common)), lambda m: f"{m['embedding_targets']} embeddings, {m['ota_targets']} OTA, "
-        f"{m.get('mean_targets', 0)} mean of pieces, {m.get('skipped_multi_token', 0)} multi-token skipped")
-
-    mine, mine_split = _user_heldout(config)
-    heldout = _write_heldout(config, out["targets"], out["heldout.txt"], mine)
-    if mine_split:  # what every stage excludes: the evaluated words and your words the model splits
-        _write_words(out["excluded.txt"], sorted(set(heldout) | set(mine_split)))
-    fusion = _write_fusion_words(config, out, heldout + mine_split)
-    parts_excluded = _write_words(out["excluded_from_parts.txt"], sorted(set(heldout) | set(mine_split) | set(fusion)))
-    base = dict(preprocessed=out["preprocessed"], targets=out["targets"], model=config.model, **common)
-    heldout_file = out["excluded.txt"] if mine_split else out["heldout.txt"] if heldout else None
-    if config.cache_features:
-        results["features"] = stages.run("features", out["features"], lambda: compute_features(FeaturesConfig(
-            **vars(config.features), output=out["features"], exclude_words=heldout_file, **base)),
-            lambda m: f"{m['contexts']} contexts of {m['words']} words, {m['contexts_per_s']:.0f}/s")
-    features = out["features"] if config.cache_features else None
-    describe_training = lambda m: (f"{m.get('steps')} steps, final loss {m['final_loss']:.4g}"  # noqa: E731
-                                   if m.get("final_loss") is not None else f"{m.get('steps')} steps")
-    parts = {"form": dict(exclude_words=out["excluded_from_parts.txt"] if parts_excluded else None),
-             "context": dict(exclude_words=out["excluded_from_parts.txt"] if parts_excluded else None,
-                             features=features)}
-    for stage in ("form", "context"):
-        results[stage] = stages.run(f"train {stage}", out[stage], lambda stage=stage: train(TrainConfig(
-            **vars(getattr(config, stage)), stage=stage, output=out[stage], **parts[stage], **base)),
-            describe_training)
-    results["fuse"] = stages.run("fuse", out["fused-init"], lambda: fuse(FuseConfig(
-        form=out["form"], context=out["context"], mode=config.fuse_mode, output=out["fused-init"],
-        pieces=config.fuse_pieces and config.fuse_mode in GATED_MODES, features=features,
-        overwrite=config.overwrite)),
-        lambda m: f"mode {config.fuse_mode}{' + pieces' if m.get('pieces') else ''}")
-    results["fused"] = stages.run("train fused", out["fused"], lambda: train(TrainConfig(
-        **vars(config.fused), stage="fused", init=out["fused-init"], output=out["fused"], exclude_words=heldout_file,
-        only_words=out["fusion_words.txt"] if fusion else None,
-        features=features if reads_cached_features(config.fuse_mode) else None, **base)), describe_training)
-
-    final = out["fused"]
-    if config.tune.steps:
-        final = out["tuned"]
-        results["tune"] = stages.run("tune", final, lambda: tune(TuneConfig(
-            **vars(config.tune), bertram=out["fused"], preprocessed=out["preprocessed"], targets=out["targets"],
-            exclude_words=heldout_file, output=final, overwrite=config.overwrite)),
-            lambda m: f"{m['steps']} steps, loss {m['first_loss']:.4g} -> {m['final_loss']:.4g}")
-    words_uri = _write_rare_words(config, out["preprocessed"], out["rare_words.txt"], mine_split)
-    results["infer"] = stages.run("infer", out["vectors"], lambda: infer(InferConfig(
-        **vars(config.infer), bertram=final, words=words_uri, corpus=config.corpus, output=out["vectors"],
-        **common)), lambda m: f"{m.get('words')} words")
-    results["augment"] = stages.run("augment", out["augmented"], lambda: augment(AugmentConfig(
-        vectors=out["vectors"], model=config.model, output=out["augmented"], plain_words=config.plain_words,
-        whole_words=config.whole_words, overwrite=config.overwrite)),
-        lambda m: f"{len(m.get('tokens', []))} <BERTRAM:w> tokens, {m.get('plain_words', 0)} plain words")
-    compared = [f"form={out['form']}", f"context={out['context']}"] + (
-        [f"fused={out['fused']}"] if final != out["fused"] else [])  # tuned: the fused model it started from
-    contexts = out["preprocessed"]
-    if heldout and mine:  # your words have contexts whatever their count: gathered for every evaluated word
-        contexts = out["heldout-contexts"]
-        results["heldout-contexts"] = stages.run("heldout-contexts", contexts, lambda: preprocess(PreprocessConfig(
-            **{**vars(config.preprocess), "min_count_target": 1}, corpus=config.corpus, words=out["heldout.txt"],
-            output=contexts, **common)), lambda m: f"{m['target_words']} held-out words")
-    if heldout or config.wnlampro:
-        results["evaluate"] = stages.run("evaluate", out["evaluation"], lambda: evaluate(EvaluateConfig(
-            **vars(config.evaluate), bertram=final, compare=compared, model=config.model, output=out["evaluation"],
-            heldout=out["heldout.txt"] if heldout else None, contexts=contexts, wnlampro=config.wnlampro, overwrite=config.overwrite)))
-    if heldout and config.eval_corpus:
-        results["eval-corpus"] = stages.run("eval-corpus", out["eval-corpus"], lambda: preprocess(PreprocessConfig(
-            **{**vars(config.preprocess), "min_count_target": 1}, corpus=config.eval_corpus, words=out["heldout.txt"],
-            output=out["eval-corpus"], **common)), lambda m: f"{m['target_words']} held-out words found")
-        results["evaluate-eval-corpus"] = stages.run(
-            "evaluate (eval corpus)", out["evaluation-eval-corpus"], lambda: evaluate(EvaluateConfig(
-                **{**vars(config.evaluate), "plot_words": 0}, bertram=final, compare=compared, model=config.model,
-                output=out["evaluation-eval-corpus"], heldout=out["heldout.txt"], contexts=out["eval-corpus"],
-                overwrite=config.overwrite)))
-
-    _summary(config, stages, out, results, mine, mine_split)
-    return results
+    state = Run(config)
+    for out in PIPELINE:
+        if out.write is not None:
+            state.words[out.name] = out.write(state) if out.when(state) else []
+        elif out.when(state):
+            step = out.config(state)
+            label = out.label or out.stage.label(step)
+            log(f"=== {label} -> {storage.redact(step.output)}")
+            t0 = time.time()
+            result = state.results[out.key or out.stage.name] = out.stage.run(step)
+            state.rows.append((label, time.time() - t0, storage.redact(step.output),
+                               (out.describe or out.stage.summary)(result)))
+    _summary(state)
+    return state.results
 
 
-def _user_heldout(config: RunConfig) -> tuple[list[str], list[str]]:
-    """(your --heldout words, those of them the model's tokenizer splits); ([], []) without --heldout."""
-    if not config.heldout:
-        return [], []
-    from transformers import AutoTokenizer
-
-    words = read_corpus_words(config.heldout, config.preprocess.lowercase)
-    single = ev.single_token_ids(words, AutoTokenizer.from_pretrained(resolve_model(config.model, check=False)))
-    split = [w for w in words if w not in single]
-    log(f"run: --heldout {storage.redact(config.heldout)}: {len(words)} words kept out of every stage's training; "
-        f"{len(words) - len(split)} one token of the model (evaluated), {len(split)} split (inferred)")
-    return words, split
+def layout() -> str:
+    """The run's outputs, one entry each, for jobs.run's --help."""
+    width = max(len(o.name) for o in PIPELINE)
+    lines = []
+    for o in PIPELINE:
+        text = textwrap.wrap(f"{o.what.replace('`', '')} ({o.by})", 96 - width)
+        lines += [f"    {o.name:<{width}}  {text[0]}"] + [f"    {'':<{width}}  {t}" for t in text[1:]]
+    return "\n".join(lines)
 
 
-def _write_heldout(config: RunConfig, targets_uri: str, uri: str, mine: list[str] = ()) -> list[str]:
-    """The held-out words, written to `uri`: a seeded share of the single-token targets other than your
-    --heldout words, and your words that are one token of the model; [] when none."""
-    table = storage.read_parquet(storage.join(targets_uri, "targets.parquet"))
+def _write_heldout(run: Run) -> list[str]:
+    """heldout.txt: a seeded share of the single-token targets other than your --heldout words, and your words
+    that are one token of the model; [] when none."""
+    config = run.config
+    run.mine, run.mine_split = _user_heldout(config)
+    table = storage.read_parquet(storage.join(run["targets/"], "targets.parquet"))
     single = table.filter(pc.equal(table["source"], "embedding"))["word"].to_pylist()
-    own = [w for w in single if w not in set(mine)]
+    own = [w for w in single if w not in set(run.mine)]
     if config.holdout_fraction == 0:
         words = []
     elif len(own) < 2:
@@ -285,73 +390,63 @@ def _write_heldout(config: RunConfig, targets_uri: str, uri: str, mine: list[str
     else:
         words = ev.hold_out(own, config.holdout_fraction, seed=config.preprocess.seed)
         log(f"run: {len(words)} of {len(own)} single-token target words held out of training -> "
-            f"{storage.redact(uri)}")
-    if mine:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model, check=False))
-        words = sorted(set(words) | set(ev.single_token_ids(mine, tokenizer)))
-    return _write_words(uri, words)
+            f"{storage.redact(run['heldout.txt'])}")
+    if run.mine:
+        words = sorted(set(words) | set(ev.single_token_ids(run.mine, _tokenizer(config))))
+    return write_words(run["heldout.txt"], words)
 
 
-def _write_words(uri: str, words: list[str]) -> list[str]:
-    """Write a words file (unchanged content is not rewritten: training stays resumable)."""
-    if words:
-        text = "\n".join(words) + "\n"
-        if not storage.exists(uri) or storage.read_text(uri) != text:
-            storage.write_text(uri, text)
-    return words
+def _user_heldout(config: RunConfig) -> tuple[list[str], list[str]]:
+    """(your --heldout words, those of them the model's tokenizer splits); ([], []) without --heldout."""
+    if not config.heldout:
+        return [], []
+    words = read_words(config.heldout, "--heldout", config.preprocess.lowercase)
+    single = ev.single_token_ids(words, _tokenizer(config))
+    split = [w for w in words if w not in single]
+    log(f"run: --heldout {storage.redact(config.heldout)}: {len(words)} words kept out of every stage's training; "
+        f"{len(words) - len(split)} one token of the model (evaluated), {len(split)} split (inferred)")
+    return words, split
 
 
-def _write_fusion_words(config: RunConfig, out: dict[str, str], heldout: list[str]) -> list[str]:
-    """gated/shallow fusion: a seeded share of the targets with contexts (not held out) that only the
-    fused stage trains on; [] for the other modes or fusion_fraction 0."""
-    if config.fuse_mode not in GATED_MODES or config.fusion_fraction == 0:
-        return []
+def _tokenizer(config: RunConfig):
+    from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(resolve_model(config.model, check=False))
+
+
+def _write_fusion_words(run: Run) -> list[str]:
+    """A seeded share of the targets with contexts (not held out) that only the fused stage trains on."""
+    config = run.config
     min_count = config.fused.min_count or config.targets.min_count or config.preprocess.min_count_target
-    table = storage.read_parquet(storage.join(out["targets"], "targets.parquet")).select(["word"])
-    counts = vocab.read_vocab(out["preprocessed"])
+    table = storage.read_parquet(storage.join(run["targets/"], "targets.parquet")).select(["word"])
+    counts = vocab.read_vocab(run["preprocessed/"])
     counts = counts.filter(pc.and_(pc.greater_equal(counts["count"], min_count),
                                    pc.is_in(counts["word"], table["word"])))
-    candidates = sorted(set(counts["word"].to_pylist()) - set(heldout) - {"."})
+    candidates = sorted(set(counts["word"].to_pylist()) - set(run.words["heldout.txt"]) - set(run.mine_split) - {"."})
     if len(candidates) < 20:
         log(f"run: only {len(candidates)} target words for the fused stage; it trains on all of them")
         return []
     words = ev.hold_out(candidates, config.fusion_fraction, seed=config.preprocess.seed + 1)
     log(f"run: {len(words)} of {len(candidates)} target words kept for the fused stage only -> "
-        f"{storage.redact(out['fusion_words.txt'])}")
-    return _write_words(out["fusion_words.txt"], words)
+        f"{storage.redact(run['fusion_words.txt'])}")
+    return write_words(run["fusion_words.txt"], words)
 
 
-def _write_rare_words(config: RunConfig, preprocessed: str, uri: str, also: list[str]) -> str:
-    """The words file to infer: --words as it is, else the corpus's rare words (`_rare_words`); with `also`
-    (your --heldout words the model splits) added, written to `uri`."""
-    if config.words and not also:
-        return config.words
-    words = read_corpus_words(config.words, config.preprocess.lowercase) if config.words else \
-        _rare_words(config, preprocessed)
-    _write_words(uri, list(dict.fromkeys(words + also)))
-    return uri
+def _write_rare_words(run: Run) -> list[str]:
+    """The words to infer: --words, else the corpus's rare words (`_rare_words`); with your --heldout words the
+    model splits added."""
+    config = run.config
+    words = read_words(config.words, "--words", config.preprocess.lowercase) if config.words else \
+        _rare_words(config, run["preprocessed/"])
+    return write_words(run["rare_words.txt"], list(dict.fromkeys(words + run.mine_split)))
 
 
 def _rare_words(config: RunConfig, preprocessed: str) -> list[str]:
     """The corpus's rare words: the `rare_words` most frequent with rare_min_count <= count < min_count_target,
     with --rare_split_only only those the model's tokenizer splits (a whole-word token has its own row)."""
-    table = vocab.read_vocab(preprocessed)
-    rare = table.filter(pc.and_(pc.greater_equal(table["count"], config.rare_min_count),
-                                pc.less(table["count"], config.preprocess.min_count_target)))
-    rare = rare.filter(pc.match_substring_regex(rare["word"], r"^[^\W\d_][\w'-]*[^\W_]$"))  # words, not numbers or punctuation
-    rare = rare.sort_by([("count", "descending"), ("word", "ascending")])
-    passed = 0
-    if config.rare_split_only and rare.num_rows:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model, check=False))
-        whole = set(ev.single_token_ids(rare["word"].to_pylist(), tokenizer))
-        keep = pc.invert(pc.is_in(rare["word"], pa.array(sorted(whole), pa.string())))
-        passed, rare = len(whole), rare.filter(keep)
-    rare = rare.slice(0, config.rare_words)
+    whole = (lambda words: set(ev.single_token_ids(words, _tokenizer(config)))) if config.rare_split_only else None
+    rare, passed = vocab.rare_words(vocab.read_vocab(preprocessed), config.rare_min_count,
+                                    config.preprocess.min_count_target, config.rare_words, whole)
     if rare.num_rows == 0:
         raise ConfigError(f"the corpus has no words with {config.rare_min_count} <= count < "
                           f"{config.preprocess.min_count_target}{' that the model splits' if passed else ''} to infer; "
@@ -361,26 +456,26 @@ def _rare_words(config: RunConfig, preprocessed: str) -> list[str]:
     return rare["word"].to_pylist()
 
 
-def _summary(config: RunConfig, stages: _Stages, out: dict[str, str], results: dict[str, dict],
-             mine: list[str] = (), mine_split: list[str] = ()) -> None:
-    """Time per stage, the OTA self-check, the evaluation table, the plots, a few rare words' neighbours, and
+def _summary(run: Run) -> None:
+    """Time per stage, the OTA self-check, the evaluation tables, the plots, a few rare words' neighbours, and
     how to load the augmented model: what a user acts on, last."""
+    config, results = run.config, run.results
     log("pipeline summary:")
-    width = max([12] + [len(row[0]) for row in stages.rows])
-    for name, seconds, output, what in stages.rows:
+    width = max([12] + [len(row[0]) for row in run.rows])
+    for name, seconds, output, what in run.rows:
         log(f"  {name:<{width}} {seconds:8.1f}s  {output}  {what}")
-    log(f"  {'total':<{width}} {sum(r[1] for r in stages.rows):8.1f}s")
+    log(f"  {'total':<{width}} {sum(r[1] for r in run.rows):8.1f}s")
     check = results.get("targets", {}).get("ota_check")
     if check and not check.get("words"):
         log("OTA self-check: no single-token target word could be split into pieces without its own token")
     elif check:
         log(f"OTA self-check ({check['words']} single-token words approximated from their pieces, "
-            f"{storage.redact(storage.join(out['targets'], 'ota_check.parquet'))}): cosine to the true embedding "
+            f"{storage.redact(storage.join(run['targets/'], 'ota_check.parquet'))}): cosine to the true embedding "
             f"{check['start_cosine']:.3f} (mean of the pieces) -> {check['cosine']:.3f} (OTA); {check['verdict']}")
-    for key, name, what in (("evaluate", "evaluation", "evaluation"),
-                            ("evaluate-eval-corpus", "evaluation-eval-corpus", "evaluation with contexts from "
+    for key, name, what in (("evaluate", "evaluation/", "evaluation"),
+                            ("evaluate-eval-corpus", "evaluation-eval-corpus/", "evaluation with contexts from "
                              f"--eval_corpus {storage.redact(config.eval_corpus or '')}")):
-        report = storage.join(out[name], "report.md")
+        report = storage.join(run[name], "report.md")
         if key in results and storage.exists(report):
             log(f"{what} ({storage.redact(report)}):")
             for line in storage.read_text(report).splitlines():
@@ -388,31 +483,36 @@ def _summary(config: RunConfig, stages: _Stages, out: dict[str, str], results: d
                     log(f"  {line[3:]}:")
                 elif line.startswith("|"):
                     log(f"  {line}")
-    plots = [storage.join(out[s], "loss.png") for s in ("form", "context", "fused")]
+    plots = [storage.join(run[s], "loss.png") for s in ("form/", "context/", "fused/")]
     if "evaluate" in results:
-        plots += [f.uri for f in storage.list_files(out["evaluation"]) if f.uri.endswith(".png")]
+        plots += [f.uri for f in storage.list_files(run["evaluation/"]) if f.uri.endswith(".png")]
     log("plots: " + ", ".join(_where(p) for p in plots))
-    neighbours = nearest_neighbours(out["vectors"], config.model, config.summary_words)
-    if neighbours:
-        log("nearest vocabulary tokens of a few inferred rare words:")
-    for word, tokens in neighbours.items():
-        log(f"  {word}: {', '.join(tokens)}")
-    if mine:
-        log(f"your --heldout words: {len(mine) - len(mine_split)} one token of the model, scored in the evaluation "
-            f"above; {len(mine_split)} split by it, excluded from every stage and inferred"
-            + (" (nearest vocabulary tokens):" if mine_split else ""))
-        for word, tokens in nearest_neighbours(out["vectors"], config.model, len(mine_split), words=mine_split).items():
-            log(f"  {word}: {', '.join(tokens)}")
+    _neighbours(run)
     augmented = results["augment"]
     if augmented.get("reached") is not None:
         unreached = augmented.get("unreached") or {}
         log(f"the augmented model reaches {augmented['reached']} of {augmented['reached'] + len(unreached)} inferred "
             "words through plain text" + (f"; not: {augment_lib.describe_unreached(unreached)}" if unreached else ""))
-    log(f"vectors: {_where(storage.join(out['vectors'], 'vectors.parquet'))} and vectors.txt beside it")
-    snippet = load_snippet(out["augmented"], results["augment"])
+    log(f"vectors: {_where(storage.join(run['vectors/'], 'vectors.parquet'))} and vectors.txt beside it")
+    snippet = load_snippet(run["augmented/"], augmented)
     log(snippet[0])
     for line in snippet[1:]:
         say(line)
+
+
+def _neighbours(run: Run) -> None:
+    neighbours = nearest_neighbours(run["vectors/"], run.config.model, run.config.summary_words)
+    if neighbours:
+        log("nearest vocabulary tokens of a few inferred rare words:")
+    for word, tokens in neighbours.items():
+        log(f"  {word}: {', '.join(tokens)}")
+    if run.mine:
+        split = run.mine_split
+        log(f"your --heldout words: {len(run.mine) - len(split)} one token of the model, scored in the evaluation "
+            f"above; {len(split)} split by it, excluded from every stage and inferred"
+            + (" (nearest vocabulary tokens):" if split else ""))
+        for word, tokens in nearest_neighbours(run["vectors/"], run.config.model, len(split), words=split).items():
+            log(f"  {word}: {', '.join(tokens)}")
 
 
 def _where(uri: str) -> str:
@@ -448,27 +548,14 @@ def load_snippet(augmented: str, manifest: dict) -> list[str]:
 def nearest_neighbours(vectors_uri: str, model: str, n_words: int, k: int = 5,
                        words: list[str] | None = None) -> dict[str, list[str]]:
     """For the first `n_words` inferred words (of `words`, when given), the `k` whole-word vocabulary tokens
-    whose input embeddings are nearest (cosine) to the inferred vector."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import AutoModel, AutoTokenizer
-
+    whose input embeddings are nearest (cosine) to the inferred vector (pipeline.evaluate.nearest_neighbours)."""
     table = storage.read_parquet(storage.join(vectors_uri, "vectors.parquet"))
     if words is not None:
         table = table.filter(pc.is_in(table["word"], pa.array(words, pa.string())))
-    table = table.slice(0, n_words)
-    if table.num_rows == 0:
-        return {}
-    path = resolve_model(model, check=False)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    embedding = AutoModel.from_pretrained(path).get_input_embeddings().weight.detach()  # (V, D)
-    # whole words only, by the family's word-start mark (kumquat, Ġkumquat, ▁kumquat): no pieces or specials
-    words, ids = whole_word_tokens(tokenizer)
-    vectors = torch.tensor(table["vector"].to_pylist())  # (W, D)
-    sims = F.normalize(vectors, dim=-1) @ F.normalize(embedding[ids], dim=-1).T  # (W, V')
-    top = sims.topk(min(k, len(ids)), dim=-1).indices.tolist()
-    return {w: [words[i] for i in row] for w, row in zip(table["word"].to_pylist(), top)}
+    return ev.nearest_neighbours(table.slice(0, n_words), resolve_model(model, check=False), k)
 
+
+__doc__ = __doc__.format(layout=layout())
 
 if __name__ == "__main__":
     main(RunConfig, run, __doc__, prog="python -m jobs.run", log_under_output=True)

@@ -26,13 +26,14 @@ import random
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
 from pipeline import augment, infer, wnlampro
 from pipeline.batching import mask_word
 from pipeline.model import uses_context, uses_form
-from pipeline.targets import split_by_pieces, wordpiece_without
+from pipeline.targets import split_by_pieces, whole_word_tokens, wordpiece_without
 
 # ---------------------------------------------------------------------------------------
 # Reconstruction of held-out words
@@ -368,3 +369,20 @@ def _png(plt, fig) -> bytes:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def nearest_neighbours(vectors: pa.Table, model_path: str, k: int = 5) -> dict[str, list[str]]:
+    """For each word of a vectors table (word, vector), the `k` whole-word vocabulary tokens of the model at
+    `model_path` whose input embeddings are nearest (cosine) to its vector."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if vectors.num_rows == 0:
+        return {}
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    embedding = AutoModel.from_pretrained(model_path).get_input_embeddings().weight.detach()  # (V, D)
+    # whole words only, by the family's word-start mark (kumquat, Ġkumquat, ▁kumquat): no pieces or specials
+    words, ids = whole_word_tokens(tokenizer)
+    rows = torch.tensor(vectors["vector"].to_pylist())  # (W, D)
+    sims = F.normalize(rows, dim=-1) @ F.normalize(embedding[ids], dim=-1).T  # (W, V')
+    top = sims.topk(min(k, len(ids)), dim=-1).indices.tolist()
+    return {w: [words[i] for i in row] for w, row in zip(vectors["word"].to_pylist(), top)}

@@ -10,6 +10,8 @@ space — a token never contains whitespace, so they cannot collide with a word.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -119,3 +121,20 @@ def write_vocab(vocab: pa.Table, output: str, min_counts: list[int]) -> list[str
 def read_vocab(preprocessed: str) -> pa.Table:
     """`vocab.parquet` of a preprocessed output."""
     return storage.read_parquet(storage.join(preprocessed, "vocab.parquet"))
+
+
+WORD_LIKE = r"^[^\W\d_][\w'-]*[^\W_]$"  # words, not numbers or punctuation
+
+
+def rare_words(table: pa.Table, min_count: int, below: int, n: int,
+               whole: Callable[[list[str]], set[str]] | None = None) -> tuple[pa.Table, int]:
+    """The `n` most frequent word-like entries of a vocabulary table with min_count <= count < below (ties by
+    word), without those `whole` names (the words a model keeps as one token), and how many it named."""
+    rare = table.filter(pc.and_(pc.greater_equal(table["count"], min_count), pc.less(table["count"], below)))
+    rare = rare.filter(pc.match_substring_regex(rare["word"], WORD_LIKE))
+    rare = rare.sort_by([("count", "descending"), ("word", "ascending")])
+    passed = 0
+    if whole is not None and rare.num_rows:
+        kept = whole(rare["word"].to_pylist())
+        passed, rare = len(kept), rare.filter(pc.invert(pc.is_in(rare["word"], pa.array(sorted(kept), pa.string()))))
+    return rare.slice(0, n), passed
