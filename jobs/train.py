@@ -455,18 +455,12 @@ def _fit(config: TrainConfig, loop: LoopSettings, sampling: Sampling, buckets: l
 def _finish(config: TrainConfig, result, tokenizer, mode: str, inputs: dict, started: float, words: int,
             excluded: int, per_epoch: list[int], vocab_words: int = 0, objective: str = "mse") -> dict:
     """Write the final model (from the last checkpoint), the loss curve and the manifest."""
-    import json
-    import os
-    import shutil
+    from pipeline.checkpoint import read_final
 
     if result.checkpoint is None:
         raise RuntimeError(f"train {config.stage}: the run ended without a checkpoint ({result.error})")
-    with result.checkpoint.as_directory() as d:
-        model = Bertram.from_pretrained(d)
-        with open(os.path.join(d, "progress.json")) as f:
-            progress = json.load(f)
-    if config.num_workers == 0:  # local mode: the checkpoint is a temporary directory of this process
-        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
+    # (local mode: the checkpoint is a temporary directory of this process, removed once read)
+    model, progress = read_final(result.checkpoint, local_mode=config.num_workers == 0)
     model.save_pretrained(config.output, tokenizer)
     storage.write_bytes(storage.join(config.output, "loss.png"), _loss_png(progress["losses"], config.stage, objective))
     seconds = max(progress["train_seconds"], 1e-9)
