@@ -30,8 +30,9 @@ import pyarrow.compute as pc
 from jobs.common import complete_input, connect_ray, log
 from jobs.stage import Stage, upstream
 from pipeline import families, manifest, storage, targets, vocab
+from pipeline.checkpoint import read_final
 from pipeline.config import ConfigError, to_dict
-from pipeline.model import (FUSED_MODES, GATED_MODES, Bertram, NgramVocab, embedding_size, reads_cached_features,
+from pipeline.model import (FUSED_MODES, GATED_MODES, NgramVocab, embedding_size, reads_cached_features,
                             saved_config)
 from pipeline.train import LOSSES, STAGES, LoopSettings, Sampling
 from pipeline.words import read_word_set
@@ -499,18 +500,10 @@ def _fit(config: TrainConfig, loop: LoopSettings, sampling: Sampling, buckets: l
 def _finish(config: TrainConfig, result, tokenizer, mode: str, words: int, excluded: int, per_epoch: list[int],
             vocab_words: int = 0, objective: str = "mse") -> dict:
     """Write the final model (from the last checkpoint) and the loss curve; the manifest's fields."""
-    import json
-    import os
-    import shutil
-
     if result.checkpoint is None:
         raise RuntimeError(f"train {config.stage}: the run ended without a checkpoint ({result.error})")
-    with result.checkpoint.as_directory() as d:
-        model = Bertram.from_pretrained(d)
-        with open(os.path.join(d, "progress.json")) as f:
-            progress = json.load(f)
-    if config.num_workers == 0:  # local mode: the checkpoint is a temporary directory of this process
-        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
+    # (local mode: the checkpoint is a temporary directory of this process, removed once read)
+    model, progress = read_final(result.checkpoint, local_mode=config.num_workers == 0)
     model.save_pretrained(config.output, tokenizer)
     storage.write_bytes(storage.join(config.output, "loss.png"), _loss_png(progress["losses"], config.stage, objective))
     seconds = max(progress["train_seconds"], 1e-9)

@@ -17,17 +17,17 @@ number of steps in every epoch, epoch ends line up across ranks, and a resumed r
 continues at exactly the batch after its checkpoint, whatever the world size.
 
 `train_loop` is the function each Ray Train worker runs: a plain PyTorch loop plus
-`ray.train.get_dataset_shard`, `report` and `get_checkpoint`.
+`ray.train.get_dataset_shard`, `report` and `get_checkpoint`. It builds the model
+(`build_model`) and optimiser (`build_optimizer`), resumes from the latest checkpoint
+(pipeline.checkpoint owns their format), and runs `run_steps`: one `train_step` per batch,
+with a `Reporter` for the loss curve, the progress lines and the checkpoints.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -40,11 +40,11 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline import storage
 from pipeline.batching import encode, pad_pieces
+from pipeline.checkpoint import TemporaryCheckpoints, new_progress, resume, save_checkpoint
 from pipeline.model import GATED_MODES, Bertram, NgramVocab, uses_form
 
 STAGES = ("form", "context", "fused")
 MAX_REPEATS = 5
-PROGRESS_NAME, STATE_NAME = "progress.json", "training_state.pt"
 FAULT_DRILL_WAIT_S = 5.0
 PRINT_EVERY_S = 10.0  # seconds between the loop's progress lines
 
@@ -421,37 +421,14 @@ def build_model(s: LoopSettings) -> tuple[Bertram, object]:
     return model, AutoTokenizer.from_pretrained(s.base_model)
 
 
-def save_checkpoint(directory: str, model: Bertram, optimizer, scheduler, progress: dict) -> None:
-    """A checkpoint is a saved model (`Bertram.from_pretrained` reads it) plus the training state."""
-    model.save_pretrained(directory)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               os.path.join(directory, STATE_NAME))
-    with open(os.path.join(directory, PROGRESS_NAME), "w") as f:
-        json.dump(progress, f)
-
-
 def _reseed(s: LoopSettings, rank: int, step: int) -> None:
     """Random numbers (n-gram dropout) as a function of (seed, rank, step): a resumed run draws the same."""
     torch.manual_seed((s.seed * 1_000_003 + rank * 7919 + step) % 2**63)
 
 
-def train_loop(config: dict) -> None:
-    """The per-worker training loop (Ray Train). `config["settings"]` is a LoopSettings as a dict."""
-    import ray.train
-    from ray.train import Checkpoint
-    from ray.train.torch import get_device, prepare_model
-
-    s = LoopSettings(**config["settings"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = get_device()
-    if device.type == "cpu":  # one intra-op thread per CPU the worker holds (Ray sets 1 by default)
-        torch.set_num_threads(max(1, int(config.get("cpus_per_worker") or 1)))
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    model, tokenizer = build_model(s)
-    trained = trainable_parameters(model, s.stage, s.finetune_encoder, s.optimize_only_combinator)
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(s: LoopSettings, model: Bertram, params: list[torch.nn.Parameter], device: torch.device):
+    """The optimiser and learning-rate schedule of a stage: Adam at a fixed rate for the form stage, AdamW
+    with linear warm-up and decay for the others."""
     if s.stage == "form" and device.type == "cpu":
         # A batch touches a few hundred of the (often 10^5+) n-gram rows: sparse gradients and
         # lazy Adam update only those, where dense Adam would sweep the whole table every step.
@@ -466,22 +443,195 @@ def train_loop(config: dict) -> None:
     warmup = int(s.warmup_fraction * total_updates) if s.stage != "form" else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda u: linear_warmup_decay(u, warmup, total_updates) if s.stage != "form" else 1.0)
+    return optimizer, scheduler
 
-    progress = {"step": 0, "epoch": 0, "position": None, "losses": [], "best_loss": None, "examples": 0,
-                "contexts": 0, "train_seconds": 0.0, "world_size": world, "trained_parameters": trained}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            from safetensors.torch import load_file
 
-            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
-            state = torch.load(os.path.join(d, STATE_NAME), weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            with open(os.path.join(d, PROGRESS_NAME)) as f:
-                progress = json.load(f)
-        if rank == 0:
-            print(f"[train] resuming at step {progress['step']} (epoch {progress['epoch'] + 1})", flush=True)
+@dataclass
+class Worker:
+    """One rank's training: its settings and place in the group, what it trains, and where it stands."""
+
+    s: LoopSettings
+    rank: int
+    world: int
+    ddp: torch.nn.Module  # the model as Ray Train prepared it (DistributedDataParallel with several workers)
+    core: Bertram  # the model itself: what a checkpoint saves
+    params: list[torch.nn.Parameter]  # the trained ones
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    progress: dict  # what a checkpoint's progress.json holds (pipeline.checkpoint)
+    autocast: torch.autocast
+    rows: torch.Tensor | None  # the LM's input embeddings (the contrastive loss), else None
+
+
+class Reporter:
+    """One worker's reports: the loss curve and throughput since the last report go into the progress, a
+    progress line at most every PRINT_EVERY_S, and checkpoints (`report`)."""
+
+    def __init__(self, w: Worker, local_mode: bool):
+        self.w = w
+        # loss x words, words, contexts since the last report; [3]: s since the last checkpoint
+        self.window = torch.zeros(4, dtype=torch.float64)
+        self.window_t0 = self.last_line = self.last_checkpoint = time.time()
+        self.temporary = TemporaryCheckpoints(keep_newest=local_mode)
+
+    def add(self, loss: float, words: int, contexts: int) -> None:
+        """One step's batch: its mean loss, words and contexts."""
+        self.window += torch.tensor([loss * words, words, contexts, 0], dtype=torch.float64)
+
+    def report(self, step: int, epoch: int, epoch_end: bool, with_checkpoint: bool | None) -> None:
+        """Progress (and the loss curve) since the last report; a checkpoint when `with_checkpoint` is True,
+        or when it is None and checkpoint_interval_s have passed since the last one (rank 0's clock: every
+        rank takes the same decision)."""
+        w = self.w
+        self.window[3] = time.time() - self.last_checkpoint if w.rank == 0 else 0.0
+        if w.world > 1:
+            torch.distributed.all_reduce(self.window)
+        loss_sum, words, contexts, since_checkpoint = self.window.tolist()
+        if with_checkpoint is not False:
+            # At every point where a checkpoint may be taken, whether or not it is: the random numbers are a
+            # function of (seed, rank, step) there, so a run resumed from any checkpoint draws the same ones,
+            # and when checkpoints happen (a matter of time) never changes the result.
+            _reseed(w.s, w.rank, step)
+        if with_checkpoint is None:
+            with_checkpoint = since_checkpoint >= w.s.checkpoint_interval_s
+        metrics = self._account(step, epoch, epoch_end, loss_sum, words, contexts)
+        if with_checkpoint:
+            self._checkpoint(metrics)
+        self.window, self.window_t0 = torch.zeros(4, dtype=torch.float64), time.time()
+
+    def _account(self, step: int, epoch: int, epoch_end: bool, loss_sum: float, words: float,
+                 contexts: float) -> dict:
+        """The window into the progress; the report's metrics, and (rank 0) its progress line."""
+        s, progress = self.w.s, self.w.progress
+        progress["train_seconds"] += time.time() - self.window_t0
+        progress["examples"] += int(words)
+        progress["contexts"] += int(contexts)
+        loss = loss_sum / words if words else None
+        if words:
+            progress["losses"].append([step, loss])
+            progress["best_loss"] = loss if progress["best_loss"] is None else min(progress["best_loss"], loss)
+        total = s.total_steps
+        seconds = max(progress["train_seconds"], 1e-9)
+        metrics = {"step": step, "epoch": epoch + 1, "loss": loss, "epoch_end": epoch_end,
+                   "examples_per_s": progress["examples"] / seconds, "contexts_per_s": progress["contexts"] / seconds,
+                   "eta_s": seconds / max(step, 1) * max(total - step, 0), "lr": self.w.scheduler.get_last_lr()[0]}
+        # A progress line at most every PRINT_EVERY_S (and at the end); the loss curve keeps every report.
+        if self.w.rank == 0 and words and (time.time() - self.last_line >= PRINT_EVERY_S or step >= total):
+            self.last_line = time.time()
+            print(f"[train] step {step}/{total} epoch {epoch + 1}/{s.epochs} loss {loss:.5f} "
+                  f"{metrics['examples_per_s']:.1f} words/s {metrics['contexts_per_s']:.1f} contexts/s "
+                  f"ETA {metrics['eta_s'] / 60:.1f} min", flush=True)
+        return metrics
+
+    def _checkpoint(self, metrics: dict) -> None:
+        """The parameter checksums of every rank into the progress; rank 0 saves the checkpoint.
+
+        ray.train.report is a barrier with the controller (~1 s here): only at checkpoints. Progress
+        lines in between are ours (the loss log travels in the checkpoint)."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        w = self.w
+        self.last_checkpoint = time.time()
+        checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in w.params)], dtype=torch.float64)
+        sums = [torch.zeros_like(checksum) for _ in range(w.world)] if w.world > 1 else [checksum]
+        if w.world > 1:
+            torch.distributed.all_gather(sums, checksum)
+        w.progress["param_checksums"] = [float(x) for x in sums]  # identical across ranks, or DDP went wrong
+        if w.rank == 0:
+            with self.temporary.directory() as d:
+                save_checkpoint(d, w.core, w.optimizer, w.scheduler, w.progress)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+def train_step(w: Worker, batch: dict[str, torch.Tensor], target: torch.Tensor, step: int) -> torch.Tensor:
+    """Forward and backward on one batch, and an optimiser update every grad_accumulation steps; the loss."""
+    s = w.s
+    update = (step + 1) % s.grad_accumulation == 0
+    with w.autocast:
+        predicted = w.ddp(**batch)  # (B, D)
+    loss = objective(predicted.float(), target, s.loss, w.rows)
+    if w.world > 1 and not update:
+        with w.ddp.no_sync():
+            (loss / s.grad_accumulation).backward()
+    else:
+        (loss / s.grad_accumulation).backward()
+    if update:
+        clip_gradients(w.params, s.max_grad_norm)
+        w.optimizer.step()
+        w.scheduler.step()
+        w.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def _fault_drill(marker: str, rank: int, step: int) -> None:
+    """This rank exits, once: the marker keeps the restarted group from failing again."""
+    print(f"[train] fault drill: rank {rank} exits at step {step}", flush=True)
+    storage.write_text(marker, f"rank {rank} exited at step {step}\n")
+    # Ray Train's controller collects reports when it polls its workers (every 2 s): a worker that
+    # dies sooner after a checkpoint restarts from the one before. The drill waits, like a real
+    # crash minutes later, so that the restart is seen to begin at the last checkpoint.
+    time.sleep(FAULT_DRILL_WAIT_S)
+    os._exit(1)
+
+
+def run_steps(w: Worker, batches, reporter: Reporter, fault: int | None, marker: str | None,
+              just_resumed: bool) -> None:
+    """The step loop over this rank's batches (`Collate`'s output), from the progress's step to the end."""
+    s, progress = w.s, w.progress
+    step, epoch = progress["step"], progress["epoch"]
+    # Every start of the loop (the first, and each resume from a checkpoint): where it began and how many
+    # steps it took. A checkpoint stores the list as of its step, so the record says what the result is made of.
+    progress.setdefault("attempts", []).append({"start_step": step, "steps": 0})
+    _reseed(s, w.rank, step)
+    for batch in batches:
+        if not batch:
+            continue
+        where = batch.pop("where").tolist()
+        if where[0] != epoch:  # the first batch of a new epoch: the previous one ended
+            if not just_resumed:  # (a checkpoint at the end of the epoch exists already)
+                reporter.report(step, epoch, epoch_end=True, with_checkpoint=None)
+            epoch = progress["epoch"] = where[0]
+        just_resumed = False
+        if fault is not None and step == fault and w.rank == w.world - 1:
+            _fault_drill(marker, w.rank, step)
+        target = batch.pop("target")
+        n_contexts = int(batch.pop("num_contexts"))
+        loss = train_step(w, batch, target, step)
+        step += 1
+        progress.update(step=step, position=where)
+        progress["attempts"][-1]["steps"] += 1
+        reporter.add(loss.item(), len(target), n_contexts)
+        if step % s.checkpoint_every == 0:
+            reporter.report(step, epoch, epoch_end=False, with_checkpoint=None)
+        elif step % s.log_every == 0:
+            reporter.report(step, epoch, epoch_end=False, with_checkpoint=False)
+    reporter.report(step, epoch, epoch_end=True, with_checkpoint=True)
+
+
+def train_loop(config: dict) -> None:
+    """The per-worker training loop (Ray Train). `config["settings"]` is a LoopSettings as a dict."""
+    import ray.train
+    from ray.train.torch import get_device, prepare_model
+
+    s = LoopSettings(**config["settings"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = get_device()
+    if device.type == "cpu":  # one intra-op thread per CPU the worker holds (Ray sets 1 by default)
+        torch.set_num_threads(max(1, int(config.get("cpus_per_worker") or 1)))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model, tokenizer = build_model(s)
+    trained = trainable_parameters(model, s.stage, s.finetune_encoder, s.optimize_only_combinator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(s, model, params, device)
+    resumed = resume(ray.train.get_checkpoint(), model, optimizer, scheduler)
+    progress = resumed if resumed is not None else new_progress(world, trained)
+    if resumed is not None and rank == 0:
+        print(f"[train] resuming at step {progress['step']} (epoch {progress['epoch'] + 1})", flush=True)
     ddp = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
     core: Bertram = ddp.module if hasattr(ddp, "module") else ddp
     core.train()
@@ -493,119 +643,10 @@ def train_loop(config: dict) -> None:
     collate = Collate(tokenizer, s.mode, s.max_seq_length, core.ngram_vocab, rank, world, resume_after)
     shard = ray.train.get_dataset_shard("train")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16 and device.type == "cuda")
+    w = Worker(s, rank, world, ddp, core, params, optimizer, scheduler, progress, autocast, rows)
     # Fault drill: the last rank exits once; the marker keeps the restarted group from failing again.
     marker = config.get("fault_marker")
     fault = s.fault_at_step if s.fault_at_step is not None and marker and not storage.exists(marker) else None
-    window = torch.zeros(4, dtype=torch.float64)  # loss x words, words, contexts since the last report; [3]: s since the last checkpoint
-    window_t0 = last_line = last_checkpoint = time.time()
-    step, epoch = progress["step"], progress["epoch"]
-    # Every start of the loop (the first, and each resume from a checkpoint): where it began and how many
-    # steps it took. A checkpoint stores the list as of its step, so the record says what the result is made of.
-    progress.setdefault("attempts", []).append({"start_step": step, "steps": 0})
-    just_resumed = checkpoint is not None
-    local_checkpoints: list[str] = []  # local mode: the temporary directory of the newest checkpoint
-    _reseed(s, rank, step)
-
-    def report(epoch_end: bool, with_checkpoint: bool | None) -> None:
-        """Progress (and the loss curve) since the last report; a checkpoint when `with_checkpoint` is True,
-        or when it is None and checkpoint_interval_s have passed since the last one (rank 0's clock: every
-        rank takes the same decision)."""
-        nonlocal window, window_t0, last_line, last_checkpoint
-        window[3] = time.time() - last_checkpoint if rank == 0 else 0.0
-        if world > 1:
-            torch.distributed.all_reduce(window)
-        loss_sum, words, contexts, since_checkpoint = window.tolist()
-        if with_checkpoint is not False:
-            # At every point where a checkpoint may be taken, whether or not it is: the random numbers are a
-            # function of (seed, rank, step) there, so a run resumed from any checkpoint draws the same ones,
-            # and when checkpoints happen (a matter of time) never changes the result.
-            _reseed(s, rank, step)
-        if with_checkpoint is None:
-            with_checkpoint = since_checkpoint >= s.checkpoint_interval_s
-        progress["train_seconds"] += time.time() - window_t0
-        progress["examples"] += int(words)
-        progress["contexts"] += int(contexts)
-        loss = loss_sum / words if words else None
-        if words:
-            progress["losses"].append([step, loss])
-            progress["best_loss"] = loss if progress["best_loss"] is None else min(progress["best_loss"], loss)
-        total = s.total_steps
-        seconds = max(progress["train_seconds"], 1e-9)
-        metrics = {"step": step, "epoch": epoch + 1, "loss": loss, "epoch_end": epoch_end,
-                   "examples_per_s": progress["examples"] / seconds, "contexts_per_s": progress["contexts"] / seconds,
-                   "eta_s": seconds / max(step, 1) * max(total - step, 0), "lr": scheduler.get_last_lr()[0]}
-        # A progress line at most every PRINT_EVERY_S (and at the end); the loss curve keeps every report.
-        if rank == 0 and words and (time.time() - last_line >= PRINT_EVERY_S or step >= total):
-            last_line = time.time()
-            print(f"[train] step {step}/{total} epoch {epoch + 1}/{s.epochs} loss {loss:.5f} "
-                  f"{metrics['examples_per_s']:.1f} words/s {metrics['contexts_per_s']:.1f} contexts/s "
-                  f"ETA {metrics['eta_s'] / 60:.1f} min", flush=True)
-        if with_checkpoint:
-            last_checkpoint = time.time()
-            checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in params)], dtype=torch.float64)
-            sums = [torch.zeros_like(checksum) for _ in range(world)] if world > 1 else [checksum]
-            if world > 1:
-                torch.distributed.all_gather(sums, checksum)
-            progress["param_checksums"] = [float(x) for x in sums]  # identical across ranks, or DDP went wrong
-        # ray.train.report is a barrier with the controller (~1 s here): only at checkpoints.
-        # Progress lines in between are ours (the loss log travels in the checkpoint).
-        if with_checkpoint and rank == 0:
-            d = tempfile.mkdtemp(prefix="bertram-checkpoint-")
-            try:
-                save_checkpoint(d, core, optimizer, scheduler, progress)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-            finally:
-                # Ray Train has copied it to storage; in local mode (no workers) it keeps this directory
-                # instead: then only the newest is kept (the job removes it when it has read the model).
-                if not config.get("local_mode"):
-                    shutil.rmtree(d, ignore_errors=True)
-                else:
-                    for old in local_checkpoints:
-                        shutil.rmtree(old, ignore_errors=True)
-                    local_checkpoints[:] = [d]
-        elif with_checkpoint:
-            ray.train.report(metrics)
-        window, window_t0 = torch.zeros(4, dtype=torch.float64), time.time()
-
-    for batch in shard.iter_torch_batches(batch_size=1, collate_fn=collate, prefetch_batches=4):
-        if not batch:
-            continue
-        where = batch.pop("where").tolist()
-        if where[0] != epoch:  # the first batch of a new epoch: the previous one ended
-            if not just_resumed:  # (a checkpoint at the end of the epoch exists already)
-                report(epoch_end=True, with_checkpoint=None)
-            epoch = progress["epoch"] = where[0]
-        just_resumed = False
-        if fault is not None and step == fault and rank == world - 1:
-            print(f"[train] fault drill: rank {rank} exits at step {step}", flush=True)
-            storage.write_text(marker, f"rank {rank} exited at step {step}\n")
-            # Ray Train's controller collects reports when it polls its workers (every 2 s): a worker that
-            # dies sooner after a checkpoint restarts from the one before. The drill waits, like a real
-            # crash minutes later, so that the restart is seen to begin at the last checkpoint.
-            time.sleep(FAULT_DRILL_WAIT_S)
-            os._exit(1)
-        target = batch.pop("target")
-        n_contexts = int(batch.pop("num_contexts"))
-        update = (step + 1) % s.grad_accumulation == 0
-        with autocast:
-            predicted = ddp(**batch)  # (B, D)
-        loss = objective(predicted.float(), target, s.loss, rows)
-        if world > 1 and not update:
-            with ddp.no_sync():
-                (loss / s.grad_accumulation).backward()
-        else:
-            (loss / s.grad_accumulation).backward()
-        if update:
-            clip_gradients(params, s.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        step += 1
-        progress.update(step=step, position=where)
-        progress["attempts"][-1]["steps"] += 1
-        window += torch.tensor([loss.item() * len(target), len(target), n_contexts, 0], dtype=torch.float64)
-        if step % s.checkpoint_every == 0:
-            report(epoch_end=False, with_checkpoint=None)
-        elif step % s.log_every == 0:
-            report(epoch_end=False, with_checkpoint=False)
-    report(epoch_end=True, with_checkpoint=True)
+    reporter = Reporter(w, local_mode=bool(config.get("local_mode")))
+    batches = shard.iter_torch_batches(batch_size=1, collate_fn=collate, prefetch_batches=4)
+    run_steps(w, batches, reporter, fault, marker, just_resumed=resumed is not None)
