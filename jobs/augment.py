@@ -20,8 +20,8 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 
-from jobs.common import log
 from jobs.stage import Stage
+from pipeline.console import log
 from pipeline import augment as lib
 from pipeline import families, manifest, storage
 from pipeline.config import ConfigError

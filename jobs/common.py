@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from pipeline import manifest, storage
+from pipeline import console, manifest, storage
 from pipeline.config import BOOL_WORDS, ConfigError, parse
 from pipeline.storage import UserError
 
@@ -82,10 +81,6 @@ def read_word_set(uri: str, flag: str) -> set[str]:
     return words
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def _pop_verbose(argv: list[str]) -> tuple[list[str], bool]:
     """argv without `--verbose [true|false]` / `--verbose=...`, and its value."""
     words = BOOL_WORDS
@@ -107,10 +102,8 @@ def _pop_verbose(argv: list[str]) -> tuple[list[str], bool]:
 
 def main(config_cls: type[T], run: Callable[[T], object], doc: str, prog: str,
          argv: list[str] | None = None, log_under_output: bool = False) -> None:
-    """Parse the config, run the job in a console session (jobs/console.py), and map user errors to one
+    """Parse the config, run the job in a console session (pipeline/console.py), and map user errors to one
     line + exit status 2. `log_under_output`: the full log goes to `<output>/logs/` (jobs.run)."""
-    from jobs import console
-
     argv, verbose = _pop_verbose(list(sys.argv[1:] if argv is None else argv))
     try:
         config = parse(config_cls, argv, prog=prog, description=doc)

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from jobs.common import log
 from jobs.stage import Stage, upstream
+from pipeline.console import log
 from pipeline import evaluate as ev
 from pipeline import augment, downstream, families, infer, storage, targets, wnlampro
 from pipeline.config import ConfigError

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.common import connect_ray, log
-from jobs.console import progress
+from jobs.common import connect_ray
+from pipeline.console import log, progress
 from jobs.stage import Stage, upstream
 from pipeline import families, features, manifest, storage, targets
 from pipeline.config import ConfigError

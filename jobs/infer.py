@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from jobs.common import connect_ray, log
-from jobs.console import progress
+from jobs.common import connect_ray
+from pipeline.console import log, progress
 from jobs.preprocess import PreprocessConfig, preprocess, unmatchable_words
 from jobs.stage import Stage, upstream
 from pipeline import infer as bertram_infer

@@ -14,7 +14,7 @@ stage (a training stage from its latest checkpoint). At the end a summary lists 
 output and the time per stage, the evaluation table, the paths of the plots, the nearest
 vocabulary neighbours of a few inferred rare words and a snippet that loads the augmented
 model; the console shows the pipeline's own lines, the full log is <output>/logs/ (or
-.cache/logs/ for a remote output, copied to <output>/logs/ at the end; jobs/console.py).
+.cache/logs/ for a remote output, copied to <output>/logs/ at the end; pipeline/console.py).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from jobs import targets as targets_job
 from jobs import train as train_job
 from jobs import tune as tune_job
 from jobs.augment import AugmentConfig
-from jobs.common import log, main
-from jobs.console import say
+from jobs.common import main
+from pipeline.console import log, say
 from jobs.evaluate import EvaluateConfig, EvaluateOptions
 from jobs.features import FeaturesConfig, FeaturesOptions
 from jobs.fuse import FuseConfig

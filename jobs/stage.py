@@ -29,7 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from jobs.common import complete_input, log, main
+from jobs.common import complete_input, main
+from pipeline.console import log
 from pipeline import manifest, storage
 from pipeline.config import to_dict
 

@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.common import complete_input, connect_ray, log
-from jobs.console import progress
+from jobs.common import complete_input, connect_ray
+from pipeline.console import log, progress
 from jobs.stage import Stage
 from pipeline import families, manifest, storage, targets, vocab
 from pipeline.config import ConfigError

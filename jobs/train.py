@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.common import complete_input, connect_ray, log
+from jobs.common import complete_input, connect_ray
 from jobs.stage import Stage, upstream
+from pipeline.console import log
 from pipeline import families, manifest, storage, targets, vocab
 from pipeline.checkpoint import read_final
 from pipeline.config import ConfigError, to_dict

@@ -19,8 +19,7 @@ from dataclasses import dataclass, fields
 
 import pyarrow.compute as pc
 
-from jobs.common import log
-from jobs.console import PROGRESS_EVERY_S
+from pipeline.console import PROGRESS_EVERY_S, log
 from jobs.stage import Stage, upstream
 from pipeline import infer, storage
 from pipeline.behaviour import TRAINABLE, BehaviourSettings, tune as tune_model

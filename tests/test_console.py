@@ -1,4 +1,4 @@
-"""The console of a job (jobs/console.py): what reaches the terminal, what only the log file keeps."""
+"""The console of a job (pipeline/console.py): what reaches the terminal, what only the log file keeps."""
 
 import os
 import re
@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from jobs import console
+from pipeline import console
 from jobs.common import _pop_verbose
 
 from tests.conftest import REPO
@@ -45,8 +45,8 @@ def test_verbose_is_taken_off_the_arguments():
 
 _SCRIPT = textwrap.dedent("""
     import os, sys, warnings
-    from jobs import console
-    from jobs.common import log
+    from pipeline import console
+    from pipeline.console import log
     with console.session("probe", verbose={verbose}):
         log("probe: start")
         print("(RayTrainWorker pid=7) [train] step 1/2 loss 0.5")

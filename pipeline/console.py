@@ -44,6 +44,11 @@ _VERBATIM = "\x1e"  # marks a `say` line in the pipe
 _active: _Session | None = None
 
 
+def log(message: str) -> None:
+    """One line of a job: `[HH:MM:SS] stage: ...` on stderr (the console session passes it to the terminal)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def scrub(line: str) -> str:
     """A log line without secrets (`pipeline.storage.scrub`)."""
     from pipeline import storage
@@ -226,8 +231,6 @@ def progress(items: Iterable[T], total: int, unit: str, desc: str, count=lambda 
     """Yield `items`, showing how many `unit`s of `total` are done, the rate and the ETA: a tqdm bar on a
     terminal, a line every PROGRESS_EVERY_S seconds otherwise (and in the log). `count(item)` is an
     item's units."""
-    from jobs.common import log
-
     bar = None
     active = _active
     if active is not None and active.tty and not active.verbose:
