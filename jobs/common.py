@@ -101,12 +101,13 @@ def _pop_verbose(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def main(config_cls: type[T], run: Callable[[T], object], doc: str, prog: str,
-         argv: list[str] | None = None, log_under_output: bool = False) -> None:
+         argv: list[str] | None = None, log_under_output: bool = False,
+         section: Callable[[dict], str] | None = None) -> None:
     """Parse the config, run the job in a console session (pipeline/console.py), and map user errors to one
     line + exit status 2. `log_under_output`: the full log goes to `<output>/logs/` (jobs.run)."""
     argv, verbose = _pop_verbose(list(sys.argv[1:] if argv is None else argv))
     try:
-        config = parse(config_cls, argv, prog=prog, description=doc)
+        config = parse(config_cls, argv, prog=prog, description=doc, section=section)
     except UserError as exc:
         _user_error(exc)
     with console.session(prog.split(".")[-1], getattr(config, "output", None) if log_under_output else None,

@@ -71,6 +71,8 @@ class Stage(Generic[C]):
     """The stage's end line, from its config and its committed manifest."""
     summary: Callable[[dict], str] = lambda result: ""
     """What jobs.run's summary says of a finished output (from its manifest)."""
+    preset: Callable[[dict], str] | None = None
+    """Its section of a jobs.run preset given with --config, from its flags (default: the job's name)."""
 
     def label(self, config: C) -> str:
         return self.name.format(**vars(config))
@@ -94,7 +96,7 @@ class Stage(Generic[C]):
 
     def main(self, doc: str, job: str, argv: list[str] | None = None) -> None:
         """The job's command line: parse the flags into the config, run, one line per user error (exit 2)."""
-        main(self.config, self.run, doc, prog=f"python -m jobs.{job}", argv=argv)
+        main(self.config, self.run, doc, prog=f"python -m jobs.{job}", argv=argv, section=self.preset)
 
 
 def upstream(**flags: tuple[str, str | None]) -> dict[str, Any]:

@@ -553,7 +553,8 @@ def _loss_png(losses: list[list[float]], stage: str, objective: str = "mse") -> 
 
 
 STAGE = Stage(name="train {stage}", config=TrainConfig, outputs=OUTPUT_NAMES, inputs=_inputs, check=_plan,
-              work=_train, reset=False, settings=_settings, done=_done, summary=_summary)
+              work=_train, reset=False, settings=_settings, done=_done, summary=_summary,
+              preset=lambda flags: str(flags.get("stage", "")))  # --stage form reads the preset's form: section
 train = STAGE.run
 
 if __name__ == "__main__":

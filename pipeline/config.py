@@ -14,6 +14,8 @@ closest known key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ast
 import dataclasses
 import difflib
@@ -243,10 +245,14 @@ def _kind(tp: Any) -> str:
     return getattr(base, "__name__", str(base))
 
 
-def parse(cls: type[T], argv: list[str] | None = None, prog: str = "", description: str = "") -> T:
+def parse(cls: type[T], argv: list[str] | None = None, prog: str = "", description: str = "",
+          section: Callable[[dict[str, Any]], str] | None = None) -> T:
     """Parse `--config FILE.yaml` and `--key value` overrides into a `cls` instance.
 
-    Prints `--help` and exits 0 when asked; raises ConfigError on bad input.
+    A preset with sections (jobs.run's, `preprocess.min_count_target: 10`) given to a config without any
+    (one job's) gives that job its section: `section(flags)` names it (default: the last part of `prog`),
+    and the top-level keys that mean the same to a job (corpus, model, num_cpus). Prints `--help` and exits
+    0 when asked; raises ConfigError on bad input.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
@@ -282,24 +288,22 @@ def parse(cls: type[T], argv: list[str] | None = None, prog: str = "", descripti
             flags[key] = value
     values: dict[str, Any] = {}
     if config_file:
-        values.update(_preset_for_job(load_yaml(config_file), leaves, (prog or "").rsplit(".", 1)[-1], flags))
+        name = section(flags) if section else (prog or "").rsplit(".", 1)[-1]
+        values.update(_section_of_preset(load_yaml(config_file), leaves, name))
     values.update(flags)
     return build(cls, values)
 
 
-# The sections of a jobs.run preset (jobs/configs/*.yaml), and its top-level keys that mean the same
-# to a single job. Its other top-level keys (output: the run's root, words, ...) are the run's own.
-RUN_SECTIONS = ("preprocess", "targets", "features", "form", "context", "fused", "infer", "evaluate")
+# The top-level keys of a preset with sections that mean the same to a single job. Its other top-level keys
+# (output: the run's root, words, ...) are the run's own.
 _SHARED_KEYS = ("corpus", "model", "num_cpus")
 
 
-def _preset_for_job(values: dict[str, Any], leaves: dict, job: str, flags: dict[str, Any]) -> dict[str, Any]:
-    """A jobs.run preset given to one job (`jobs.preprocess --config jobs/configs/demo.yaml`): its section
-    for that job (jobs.train: the --stage's) and the shared inputs (corpus, model). Any other file as is."""
-    is_preset = any(k.split(".", 1)[0] in RUN_SECTIONS for k in values if "." in k)
-    if not is_preset or any(k.split(".", 1)[0] in RUN_SECTIONS for k in leaves if "." in k):
-        return values  # not a run preset, or this is jobs.run
-    section = str(flags.get("stage", "")) if job == "train" else job
+def _section_of_preset(values: dict[str, Any], leaves: dict, section: str) -> dict[str, Any]:
+    """For a config without sections, a preset with sections (`jobs.preprocess --config jobs/configs/demo.yaml`)
+    as its `section` and the shared inputs (corpus, model). Any other file as is."""
+    if not any("." in k for k in values) or any("." in k for k in leaves):
+        return values  # not a preset with sections, or a config with sections (jobs.run)
     picked = {k: v for k, v in values.items() if k in _SHARED_KEYS and k in leaves}
     picked.update({k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(f"{section}.")})
     return picked

