@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 from jobs.stage import Stage
 from pipeline.console import log
-from pipeline import augment as lib
+from pipeline.augment import (WHOLE_WORDS, add_plain_words, add_word_vectors_to_model,
+                              copy_sentence_transformer_modules, describe_unreached, reach,
+                              sentence_transformer_layout, set_whole_word_rows, token_for, transformer_module)
 from pipeline import families, manifest, storage
 from pipeline.config import ConfigError
 from pipeline.targets import resolve_model
@@ -59,8 +61,8 @@ class AugmentConfig:
     """Redo even if --output already holds a complete result."""
 
     def __post_init__(self) -> None:
-        if self.whole_words not in lib.WHOLE_WORDS:
-            raise ConfigError(f"--whole_words must be one of {', '.join(lib.WHOLE_WORDS)}, got {self.whole_words!r}")
+        if self.whole_words not in WHOLE_WORDS:
+            raise ConfigError(f"--whole_words must be one of {', '.join(WHOLE_WORDS)}, got {self.whole_words!r}")
         if self.head not in HEADS:
             raise ConfigError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if not self.output:
@@ -110,8 +112,8 @@ def _load(config: AugmentConfig) -> dict:
     inferred_for = manifest.read(config.vectors).get("base_model") if manifest.is_complete(config.vectors) else None
     if inferred_for not in (None, path, config.model):
         log(f"augment: warning: the vectors were inferred for {inferred_for}, not {config.model}")
-    layout = lib.sentence_transformer_layout(path)
-    if layout and lib.transformer_module(layout[1]) is None:
+    layout = sentence_transformer_layout(path)
+    if layout and transformer_module(layout[1]) is None:
         log("augment: warning: the model's modules.json has no single Transformer module; saving it as a plain "
             "transformers model")
         layout = None
@@ -123,23 +125,23 @@ def _augment(config: AugmentConfig, ready: dict) -> dict:
     words, tokenizer, model, layout = ready["words"], ready["tokenizer"], ready["model"], ready["layout"]
     vocab_size = len(tokenizer)
     by_word = dict(zip(words, ready["vectors"]))
-    tokens = lib.add_word_vectors_to_model(by_word, tokenizer, model)
-    plain = lib.add_plain_words(by_word, tokenizer, model) if config.plain_words else {}
-    whole = lib.set_whole_word_rows(by_word, tokenizer, model, config.whole_words)
-    unreached = lib.reach(words, plain, whole) if config.plain_words else {}
+    tokens = add_word_vectors_to_model(by_word, tokenizer, model)
+    plain = add_plain_words(by_word, tokenizer, model) if config.plain_words else {}
+    whole = set_whole_word_rows(by_word, tokenizer, model, config.whole_words)
+    unreached = reach(words, plain, whole) if config.plain_words else {}
     with tempfile.TemporaryDirectory() as tmp:  # transformers writes local directories only
-        home = lib.copy_sentence_transformer_modules(*layout, tmp) if layout else tmp
+        home = copy_sentence_transformer_modules(*layout, tmp) if layout else tmp
         model.save_pretrained(home)
         tokenizer.save_pretrained(home)
         storage.write_dir(tmp, config.output)
     shown = next(iter(plain.values()), words[0])
-    usage = _usage(config.output, ready["head"], shown, lib.token_for(shown), bool(plain), bool(layout))
+    usage = _usage(config.output, ready["head"], shown, token_for(shown), bool(plain), bool(layout))
     log(f"augment: {len(tokens)} tokens <BERTRAM:w> added to {config.model} ({ready['head']}) -> "
         f"{storage.redact(config.output)}")
     if config.plain_words:
         log(f"augment: plain text reaches {len(words) - len(unreached)} of {len(words)} words ({len(plain)} new "
             f"forms{f', {len(whole)} own rows {config.whole_words}d' if whole else ''})"
-            + (f"; not: {lib.describe_unreached(unreached)} (manifest.json: unreached)" if unreached else ""))
+            + (f"; not: {describe_unreached(unreached)} (manifest.json: unreached)" if unreached else ""))
     return dict(model_path=ready["path"], head=ready["head"], dim=model.get_input_embeddings().embedding_dim,
                 vocab_size_before=vocab_size, vocab_size=len(tokenizer), tokens_added=len(tokens), tokens=tokens,
                 plain_words=len(set(plain.values())), plain_forms=len(plain), whole_word_rows=len(whole),

@@ -30,7 +30,8 @@ import torch
 
 from jobs.stage import Stage, upstream
 from pipeline.console import log
-from pipeline import evaluate as ev
+from pipeline.evaluate import (cosine_plot, inferred_at, is_wordpiece, key_word_vectors, markdown_table, pca_plot,
+                               reconstruction, single_token_ids, split_heldout, wnlampro_results, wnlampro_table)
 from pipeline import augment, downstream, families, infer, storage, targets, wnlampro
 from pipeline.config import ConfigError
 from pipeline.model import autocast, embedding_size, saved_config
@@ -259,7 +260,7 @@ def _masked_lm(name: str, path: str):
 
 def _reconstruction(config: EvaluateConfig, heldout: list[str], contexts: dict[str, list[str]], loaded: dict,
                     tokenizer, embedding: torch.Tensor) -> tuple[dict, dict[str, bytes]]:
-    usable, not_single, no_contexts = ev.split_heldout(heldout, contexts, tokenizer)
+    usable, not_single, no_contexts = split_heldout(heldout, contexts, tokenizer)
     if not usable:
         raise ConfigError(f"none of the {len(heldout)} --heldout words is a single token of --model with a context "
                           f"in --contexts ({len(not_single)} are not single tokens, {len(no_contexts)} have no "
@@ -267,26 +268,26 @@ def _reconstruction(config: EvaluateConfig, heldout: list[str], contexts: dict[s
     log(f"evaluate: reconstruction of {len(usable)} held-out words ({len(not_single)} not single tokens, "
         f"{len(no_contexts)} without contexts skipped), {len(loaded)} models x {len(config.counts)} counts")
     t0 = time.time()
-    rows = ev.reconstruction(loaded, usable, tokenizer, embedding, config.counts, config.seed,
+    rows = reconstruction(loaded, usable, tokenizer, embedding, config.counts, config.seed,
                              on_row=lambda r: log(f"evaluate: {r['model']}, {r['contexts']} contexts: cosine "
                                                   f"{r['cosine']:.3f}, MRR {r['mrr']:.3f}, median rank "
                                                   f"{r['median_rank']:.0f} ({time.time() - t0:.0f} s)"),
                              max_seq_length=config.max_seq_length)
-    baseline = "mean of word pieces" if ev.is_wordpiece(tokenizer) else (
+    baseline = "mean of word pieces" if is_wordpiece(tokenizer) else (
         f"skipped: it splits a word into WordPiece pieces as if it were not in the vocabulary, and "
         f"{type(tokenizer).__name__} is not a WordPiece tokenizer")
     result = {"words": {"heldout": len(heldout), "evaluated": len(usable), "not_single_token": not_single,
                         "no_contexts": no_contexts,
                         "fewer_contexts_than": {n: sum(len(c) < n for c in usable.values()) for n in config.counts}},
               "baseline": baseline, "embedding_rows": embedding.shape[0], "rows": rows}
-    plots = {"reconstruction.png": ev.cosine_plot(rows)}
+    plots = {"reconstruction.png": cosine_plot(rows)}
     if config.plot_words:
         rng = np.random.default_rng(config.seed)
         words = sorted(rng.choice(list(usable), size=min(config.plot_words, len(usable)), replace=False).tolist())
         n = max(config.counts)
-        vectors = ev.inferred_at(*loaded[MAIN], usable, n, config.seed, words, config.max_seq_length)
-        ids = ev.single_token_ids(words, tokenizer)
-        plots["pca.png"] = ev.pca_plot(words, torch.stack([vectors[w] for w in words]).numpy(),
+        vectors = inferred_at(*loaded[MAIN], usable, n, config.seed, words, config.max_seq_length)
+        ids = single_token_ids(words, tokenizer)
+        plots["pca.png"] = pca_plot(words, torch.stack([vectors[w] for w in words]).numpy(),
                                        embedding[[ids[w] for w in words]].numpy(),
                                        f"{MAIN} ({config.bertram}) from {n} contexts vs true input embeddings")
     return result, plots
@@ -314,10 +315,10 @@ def _wnlampro(config: EvaluateConfig, entries: list[wnlampro.Entry], main_model:
               device: str) -> dict:
     keys = sorted({e.word for e in entries})
     contexts = infer.read_contexts(config.contexts, words=keys) if config.contexts else {}
-    vectors, sources = ev.key_word_vectors(*main_model, keys, contexts, config.wnlampro_contexts, config.seed)
+    vectors, sources = key_word_vectors(*main_model, keys, contexts, config.wnlampro_contexts, config.seed)
     log(f"evaluate: WNLaMPro, {len(entries)} {config.wnlampro_set} entries; {len(keys)} key words: vectors from "
         f"contexts {len(sources['contexts'])}, from form only {len(sources['form'])}, none {len(sources['none'])}")
-    results = ev.wnlampro_results(lm, tokenizer, entries, vectors, config.styles, device, config.batch_size)
+    results = wnlampro_results(lm, tokenizer, entries, vectors, config.styles, device, config.batch_size)
     return {"file": storage.redact(config.wnlampro), "set": config.wnlampro_set, "entries": len(entries),
             "key_words": len(keys), "vectors": {k: len(v) for k, v in sources.items()},
             "without_vector": sources["none"], "results": results}
@@ -361,7 +362,7 @@ def _markdown(config: EvaluateConfig, report: dict, plots: list[str]) -> str:
                   + "".join(f"{k} words have fewer than {n} contexts and use all they have. "
                             for n, k in words["fewer_contexts_than"].items() if k)
                   + f"Baseline: {rec['baseline']}.", "",
-                  ev.markdown_table(rec["rows"])]
+                  markdown_table(rec["rows"])]
         if "reconstruction.png" in plots:
             lines += ["", "![cosine and median rank vs contexts](reconstruction.png)"]
         if "pca.png" in plots:
@@ -384,7 +385,7 @@ def _markdown(config: EvaluateConfig, report: dict, plots: list[str]) -> str:
                   f"{wn['entries']} {wn['set']} entries of `{wn['file']}`, {wn['key_words']} key words; "
                   f"BERTRAM vectors from contexts for {wn['vectors']['contexts']}, from the form only for "
                   f"{wn['vectors']['form']}, none for {wn['vectors']['none']} (those stay plain).", "",
-                  ev.wnlampro_table(wn["results"])]
+                  wnlampro_table(wn["results"])]
     return "\n".join(lines) + "\n"
 
 

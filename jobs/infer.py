@@ -27,11 +27,11 @@ from jobs.common import connect_ray
 from pipeline.console import log, progress
 from jobs.preprocess import PreprocessConfig, preprocess, unmatchable_words
 from jobs.stage import Stage, upstream
-from pipeline import infer as bertram_infer
+from pipeline.infer import InferActor, read_contexts, usable_contexts
 from pipeline import manifest, storage
 from pipeline.config import ConfigError
 from pipeline.model import saved_config, uses_context, uses_form
-from pipeline.words import read_words as words_file
+from pipeline.words import read_words
 from pipeline.words import vector_lines
 
 OUTPUT_NAMES = ("vectors.parquet", "vectors.txt")
@@ -120,11 +120,11 @@ def _no_contexts_error(uri: str, words: list[str]) -> ConfigError:
                        "a form part (form, add, add-quotes, replace, shallow, gated)")
 
 
-def read_words(config: InferConfig, mode: str) -> list[str] | None:
+def _words(config: InferConfig, mode: str) -> list[str] | None:
     """The words of --words (lowercased with --corpus and --lowercase, as the corpus is), or None."""
     if not config.corpus:
-        return words_file(config.words) if config.words else None
-    words = words_file(config.words, lowercase=config.lowercase)
+        return read_words(config.words) if config.words else None
+    words = read_words(config.words, lowercase=config.lowercase)
     if not uses_form(mode) and (never := unmatchable_words(words, config.lowercase)):
         raise _no_contexts_error(config.bertram, never)  # they can never have contexts: fail before the corpus
     return words
@@ -139,18 +139,18 @@ def gather(config: InferConfig, mode: str, words: list[str] | None) -> tuple[lis
     if config.corpus:
         source = storage.join(config.output, PREPROCESSED)
         # The sub-output is reused unless the words file now holds other words (same name, new content).
-        stale = manifest.is_complete(source) and set(bertram_infer.read_contexts(source)) != set(words)
+        stale = manifest.is_complete(source) and set(read_contexts(source)) != set(words)
         preprocess(PreprocessConfig(corpus=config.corpus, output=source, words=config.words,
                                     num_buckets=PREPROCESS_BUCKETS, max_contexts_per_word=config.max_contexts_per_word,
                                     context_window=config.context_window, lowercase=config.lowercase,
                                     overwrite=config.overwrite or stale, num_cpus=config.num_cpus))
     else:
         source = config.contexts
-    found = bertram_infer.read_contexts(source, words)
+    found = read_contexts(source, words)
     words = words if words is not None else list(found)
     if not words:
         raise storage.UserError(f"--contexts {storage.redact(config.contexts)} holds no words")
-    contexts = {w: bertram_infer.usable_contexts(w, found.get(w, []), config.max_contexts_per_word)
+    contexts = {w: usable_contexts(w, found.get(w, []), config.max_contexts_per_word)
                 if uses_context(mode) else [] for w in words}  # a form model reads no contexts
     if uses_context(mode) and not uses_form(mode) and (without := [w for w in words if not contexts[w]]):
         raise _no_contexts_error(config.bertram, without)
@@ -174,7 +174,7 @@ def infer_on_ray(config: InferConfig, words: list[str], contexts: dict[str, list
     actors = min(actors, blocks)
     # --- Ray: a dataset of (word, contexts) rows through an actor pool, each actor holding the model.
     ds = ray.data.from_items([{"word": w, "contexts": contexts[w]} for w in words], override_num_blocks=blocks)
-    vectors = ds.map_batches(bertram_infer.InferActor, batch_size=-(-len(words) // blocks), batch_format="pyarrow",
+    vectors = ds.map_batches(InferActor, batch_size=-(-len(words) // blocks), batch_format="pyarrow",
                              compute=ray.data.ActorPoolStrategy(size=actors),
                              num_cpus=per_actor, num_gpus=1 if config.use_gpu else 0,
                              fn_constructor_kwargs={"bertram": storage.absolute(config.bertram),
@@ -206,7 +206,7 @@ def _inputs(config: InferConfig) -> dict:
 
 def _check(config: InferConfig) -> tuple[str, dict, list[str] | None]:
     model = saved_config(config.bertram)
-    return model["mode"], model, read_words(config, model["mode"])
+    return model["mode"], model, _words(config, model["mode"])
 
 
 def _infer(config: InferConfig, ready: tuple[str, dict, list[str] | None]) -> dict:

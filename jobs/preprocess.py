@@ -23,7 +23,7 @@ from pipeline.console import log, progress
 from jobs.stage import Stage
 from pipeline import contexts, corpus, storage, vocab
 from pipeline.config import ConfigError
-from pipeline.words import read_words as words_file
+from pipeline.words import read_words
 
 
 # What this stage writes under --output (top-level names); nothing else is ever deleted.
@@ -91,11 +91,6 @@ class PreprocessConfig(PreprocessOptions):
                               "choose a location outside the corpus")
 
 
-def read_words(uri: str, lowercase: bool) -> list[str]:
-    """The words of a `--words` file (lowercased with `lowercase`, as the corpus is)."""
-    return words_file(uri, "--words", lowercase)
-
-
 def unmatchable_words(words: list[str], lowercase: bool) -> list[str]:
     """Words that the corpus tokenizer splits (or changes), so no corpus token can equal them."""
     tokens = corpus.tokenize(pa.array(words), lowercase).to_pylist()
@@ -111,7 +106,7 @@ def _inputs(config: PreprocessConfig) -> dict:
 
 
 def _check(config: PreprocessConfig) -> list[str] | None:
-    return read_words(config.words, config.lowercase) if config.words else None
+    return read_words(config.words, "--words", config.lowercase) if config.words else None
 
 
 def _preprocess(config: PreprocessConfig, words: list[str] | None) -> dict:

@@ -28,18 +28,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs import augment as augment_job
-from jobs import evaluate as evaluate_job
-from jobs import features as features_job
-from jobs import fuse as fuse_job
-from jobs import infer as infer_job
-from jobs import preprocess as preprocess_job
-from jobs import targets as targets_job
-from jobs import train as train_job
-from jobs import tune as tune_job
+from jobs import augment, evaluate, features, fuse, infer, preprocess, targets, train, tune
 from jobs.augment import AugmentConfig
 from jobs.common import main
-from pipeline.console import log, say
 from jobs.evaluate import EvaluateConfig, EvaluateOptions
 from jobs.features import FeaturesConfig, FeaturesOptions
 from jobs.fuse import FuseConfig
@@ -49,10 +40,11 @@ from jobs.stage import Stage
 from jobs.targets import TargetsConfig, TargetsOptions
 from jobs.train import TrainConfig, TrainOptions
 from jobs.tune import TuneConfig, TuneOptions
-from pipeline import augment as augment_lib
-from pipeline import evaluate as ev
 from pipeline import storage, vocab
+from pipeline.augment import describe_unreached
 from pipeline.config import ConfigError
+from pipeline.console import log, say
+from pipeline.evaluate import hold_out, nearest_tokens, single_token_ids
 from pipeline.model import FUSED_MODES, GATED_MODES, reads_cached_features
 from pipeline.targets import resolve_model
 from pipeline.words import read_words, write_words
@@ -242,14 +234,14 @@ PIPELINE: tuple[Output, ...] = (
     Output("preprocessed/", "vocabulary and context buckets of the frequent words",
            "`vocab.parquet`, `contexts/bucket-*.parquet` (README, \"Outputs of `jobs.preprocess`\")", "jobs.preprocess",
            "Ray Data tasks: one per split to count; one per split to sample, then one per bucket to select", "`--corpus`",
-           preprocess_job.STAGE, lambda r: PreprocessConfig(**vars(r.config.preprocess), corpus=r.config.corpus,
+           preprocess.STAGE, lambda r: PreprocessConfig(**vars(r.config.preprocess), corpus=r.config.corpus,
                                                             output=r["preprocessed/"], **r.common)),
     Output("targets/", "what BERTRAM learns to mimic",
            "`targets.parquet`: `word`, `vector`, `source` (embedding / ota / mean); `ota_check.parquet`: the OTA "
            "self-check", "jobs.targets",
            "driver (embedding rows); Ray Data actor pool `OtaActor`, one LM per actor, `--use_gpu` for GPUs",
            "`preprocessed/vocab.parquet`, `--model`",
-           targets_job.STAGE, lambda r: TargetsConfig(**vars(r.config.targets), preprocessed=r["preprocessed/"],
+           targets.STAGE, lambda r: TargetsConfig(**vars(r.config.targets), preprocessed=r["preprocessed/"],
                                                       model=r.config.model, output=r["targets/"], **r.common)),
     Output("heldout.txt", "single-token target words kept out of training, for the evaluation, and your `--heldout` "
            "words that are one token of the model", "one word per line", "jobs.run", "driver",
@@ -270,7 +262,7 @@ PIPELINE: tuple[Output, ...] = (
     Output("features/", "the frozen encoder's features of up to `features.contexts_per_word` contexts per training "
            "word, computed once (`cache_features`)", "`bucket-*.parquet`: `word`, `count`, `features` (a list of "
            "vectors)", "jobs.features", "Ray Data actor pool `FeatureActor`",
-           "`preprocessed/contexts/`, `targets/`, `heldout.txt`", features_job.STAGE,
+           "`preprocessed/contexts/`, `targets/`, `heldout.txt`", features.STAGE,
            lambda r: FeaturesConfig(**vars(r.config.features), output=r["features/"], exclude_words=r.excluded,
                                     preprocessed=r["preprocessed/"], targets=r["targets/"], model=r.config.model,
                                     **r.common), when=lambda r: r.config.cache_features),
@@ -278,25 +270,25 @@ PIPELINE: tuple[Output, ...] = (
            "; `vocab_words.parquet`: the LM's whole-word tokens it also trained on", "jobs.train --stage form",
            "Ray Data tasks (plan, packed batches) into a Ray Train `TorchTrainer`",
            "`targets/`, `preprocessed/` (vocabulary, and words and counts from the buckets), `excluded_from_parts.txt`",
-           train_job.STAGE, lambda r: r.train("form", exclude_words=r.parts_excluded), key="form"),
+           train.STAGE, lambda r: r.train("form", exclude_words=r.parts_excluded), key="form"),
     Output("context/", "the context model", _MODEL_FILES, "jobs.train --stage context", "as `form/`",
            "`features/` (or `preprocessed/contexts/` without `cache_features`), `targets/`, `excluded_from_parts.txt`",
-           train_job.STAGE, lambda r: r.train("context", exclude_words=r.parts_excluded, features=r.features),
+           train.STAGE, lambda r: r.train("context", exclude_words=r.parts_excluded, features=r.features),
            key="context"),
     Output("fused-init/", "form + context combined before the fused stage", "as `form/`", "jobs.fuse", "driver",
-           "`form/`, `context/`, `features/` (pieces: the shared context directions)", fuse_job.STAGE,
+           "`form/`, `context/`, `features/` (pieces: the shared context directions)", fuse.STAGE,
            lambda r: FuseConfig(form=r["form/"], context=r["context/"], mode=r.config.fuse_mode, output=r["fused-init/"],
                                 pieces=r.config.fuse_pieces and _is_gated(r), features=r.features,
                                 overwrite=r.config.overwrite)),
     Output("fused/", "the fused model: the BERTRAM model to use", "as `form/`", "jobs.train --stage fused", "as `form/`",
            "`fused-init/`, `features/` (gated/shallow) or `preprocessed/contexts/`, `targets/`, `heldout.txt`, "
-           "`fusion_words.txt` (`--only_words`)", train_job.STAGE,
+           "`fusion_words.txt` (`--only_words`)", train.STAGE,
            lambda r: r.train("fused", init=r["fused-init/"], exclude_words=r.excluded,
                              only_words=r["fusion_words.txt"] if r.words.get("fusion_words.txt") else None,
                              features=r.features if reads_cached_features(r.config.fuse_mode) else None), key="fused"),
     Output("tuned/", "opt-in (`--tune.steps N`): the fused model tuned for the language model's outputs; infer and "
            "evaluate then use it", "as `form/`", "jobs.tune", "driver, one process",
-           "`fused/`, `preprocessed/contexts/`, `targets/`, `heldout.txt`", tune_job.STAGE,
+           "`fused/`, `preprocessed/contexts/`, `targets/`, `heldout.txt`", tune.STAGE,
            lambda r: TuneConfig(**vars(r.config.tune), bertram=r["fused/"], preprocessed=r["preprocessed/"],
                                 targets=r["targets/"], exclude_words=r.excluded, output=r["tuned/"],
                                 overwrite=r.config.overwrite), when=lambda r: r.config.tune.steps > 0),
@@ -308,7 +300,7 @@ PIPELINE: tuple[Output, ...] = (
     Output("vectors/", "the rare words' vectors", "`vectors.parquet` (`word`, `vector`, `n_contexts`), `vectors.txt` "
            "(`<word> <v1> ... <vn>`, what gensim and the reference tools read)", "jobs.infer",
            "Ray Data tasks (`vectors/preprocessed/`), then actor pool `InferActor`",
-           "`fused/` (`tuned/`), `--words` or `rare_words.txt`, `--corpus`", infer_job.STAGE,
+           "`fused/` (`tuned/`), `--words` or `rare_words.txt`, `--corpus`", infer.STAGE,
            lambda r: InferConfig(**vars(r.config.infer), bertram=r.final, corpus=r.config.corpus, output=r["vectors/"],
                                  words=r["rare_words.txt"] if r.words.get("rare_words.txt") else r.config.words,
                                  **r.common), key="infer"),
@@ -316,28 +308,28 @@ PIPELINE: tuple[Output, ...] = (
            "`<BERTRAM:word>` to its vector", "a `save_pretrained` directory: `AutoTokenizer` / `AutoModelForMaskedLM` "
            "(or `AutoModel`) load it; for a sentence-transformers base also `modules.json` and its modules: "
            "`SentenceTransformer(path)` loads it", "jobs.augment", "driver", "`vectors/`, `--model`",
-           augment_job.STAGE, lambda r: AugmentConfig(vectors=r["vectors/"], model=r.config.model, output=r["augmented/"],
+           augment.STAGE, lambda r: AugmentConfig(vectors=r["vectors/"], model=r.config.model, output=r["augmented/"],
                                                       plain_words=r.config.plain_words,
                                                       whole_words=r.config.whole_words, overwrite=r.config.overwrite)),
     Output("heldout-contexts/", "with `--heldout`: the contexts of every evaluated word, any count",
            "a `jobs.preprocess --words heldout.txt` output", "jobs.preprocess --words", "as `preprocessed/`",
-           "`--corpus`, `heldout.txt`", preprocess_job.STAGE, lambda r: r.gather(r.config.corpus, "heldout-contexts/"),
+           "`--corpus`, `heldout.txt`", preprocess.STAGE, lambda r: r.gather(r.config.corpus, "heldout-contexts/"),
            when=lambda r: bool(r.words["heldout.txt"] and r.mine), key="heldout-contexts", label="heldout-contexts",
            describe=lambda m: f"{m['target_words']} held-out words"),
     Output("evaluation/", "held-out reconstruction, downstream fidelity of the language model (and WNLaMPro with "
            "`--wnlampro FILE` and an MLM)", "`report.md`, `report.json`, `reconstruction.png`, `pca.png`",
            "jobs.evaluate", "one process, no Ray", "`fused/` (`tuned/`), `form/`, `context/`, `heldout.txt`, "
-           "`preprocessed/` (`heldout-contexts/` with `--heldout`), `--model`, `--wnlampro`", evaluate_job.STAGE,
+           "`preprocessed/` (`heldout-contexts/` with `--heldout`), `--model`, `--wnlampro`", evaluate.STAGE,
            lambda r: r.evaluate("evaluation/", r.contexts, wnlampro=r.config.wnlampro),
            when=lambda r: bool(r.words["heldout.txt"] or r.config.wnlampro)),
     Output("eval-corpus/", "with `--eval_corpus URI` (a second corpus, another domain): the held-out words' contexts "
            "there", "a `jobs.preprocess --words heldout.txt` output", "jobs.preprocess --words", "as `preprocessed/`",
-           "`--eval_corpus`, `heldout.txt`", preprocess_job.STAGE, lambda r: r.gather(r.config.eval_corpus, "eval-corpus/"),
+           "`--eval_corpus`, `heldout.txt`", preprocess.STAGE, lambda r: r.gather(r.config.eval_corpus, "eval-corpus/"),
            when=lambda r: bool(r.words["heldout.txt"] and r.config.eval_corpus), key="eval-corpus", label="eval-corpus",
            describe=lambda m: f"{m['target_words']} held-out words found"),
     Output("evaluation-eval-corpus/", "the held-out evaluation again, with those contexts: how the vectors fare out of "
            "domain", "`report.md`, `report.json`, `reconstruction.png`", "jobs.evaluate", "one process, no Ray",
-           "as `evaluation/`, with `eval-corpus/` for the contexts", evaluate_job.STAGE,
+           "as `evaluation/`, with `eval-corpus/` for the contexts", evaluate.STAGE,
            lambda r: r.evaluate("evaluation-eval-corpus/", r["eval-corpus/"], plot_words=0),
            when=lambda r: bool(r.words["heldout.txt"] and r.config.eval_corpus), key="evaluate-eval-corpus",
            label="evaluate (eval corpus)"),
@@ -388,11 +380,11 @@ def _write_heldout(run: Run) -> list[str]:
         log(f"run: only {len(own)} single-token target words; no held-out sample of them")
         words = []
     else:
-        words = ev.hold_out(own, config.holdout_fraction, seed=config.preprocess.seed)
+        words = hold_out(own, config.holdout_fraction, seed=config.preprocess.seed)
         log(f"run: {len(words)} of {len(own)} single-token target words held out of training -> "
             f"{storage.redact(run['heldout.txt'])}")
     if run.mine:
-        words = sorted(set(words) | set(ev.single_token_ids(run.mine, _tokenizer(config))))
+        words = sorted(set(words) | set(single_token_ids(run.mine, _tokenizer(config))))
     return write_words(run["heldout.txt"], words)
 
 
@@ -401,7 +393,7 @@ def _user_heldout(config: RunConfig) -> tuple[list[str], list[str]]:
     if not config.heldout:
         return [], []
     words = read_words(config.heldout, "--heldout", config.preprocess.lowercase)
-    single = ev.single_token_ids(words, _tokenizer(config))
+    single = single_token_ids(words, _tokenizer(config))
     split = [w for w in words if w not in single]
     log(f"run: --heldout {storage.redact(config.heldout)}: {len(words)} words kept out of every stage's training; "
         f"{len(words) - len(split)} one token of the model (evaluated), {len(split)} split (inferred)")
@@ -426,7 +418,7 @@ def _write_fusion_words(run: Run) -> list[str]:
     if len(candidates) < 20:
         log(f"run: only {len(candidates)} target words for the fused stage; it trains on all of them")
         return []
-    words = ev.hold_out(candidates, config.fusion_fraction, seed=config.preprocess.seed + 1)
+    words = hold_out(candidates, config.fusion_fraction, seed=config.preprocess.seed + 1)
     log(f"run: {len(words)} of {len(candidates)} target words kept for the fused stage only -> "
         f"{storage.redact(run['fusion_words.txt'])}")
     return write_words(run["fusion_words.txt"], words)
@@ -444,7 +436,7 @@ def _write_rare_words(run: Run) -> list[str]:
 def _rare_words(config: RunConfig, preprocessed: str) -> list[str]:
     """The corpus's rare words: the `rare_words` most frequent with rare_min_count <= count < min_count_target,
     with --rare_split_only only those the model's tokenizer splits (a whole-word token has its own row)."""
-    whole = (lambda words: set(ev.single_token_ids(words, _tokenizer(config)))) if config.rare_split_only else None
+    whole = (lambda words: set(single_token_ids(words, _tokenizer(config)))) if config.rare_split_only else None
     rare, passed = vocab.rare_words(vocab.read_vocab(preprocessed), config.rare_min_count,
                                     config.preprocess.min_count_target, config.rare_words, whole)
     if rare.num_rows == 0:
@@ -492,7 +484,7 @@ def _summary(run: Run) -> None:
     if augmented.get("reached") is not None:
         unreached = augmented.get("unreached") or {}
         log(f"the augmented model reaches {augmented['reached']} of {augmented['reached'] + len(unreached)} inferred "
-            "words through plain text" + (f"; not: {augment_lib.describe_unreached(unreached)}" if unreached else ""))
+            "words through plain text" + (f"; not: {describe_unreached(unreached)}" if unreached else ""))
     log(f"vectors: {_where(storage.join(run['vectors/'], 'vectors.parquet'))} and vectors.txt beside it")
     snippet = load_snippet(run["augmented/"], augmented)
     log(snippet[0])
@@ -548,11 +540,11 @@ def load_snippet(augmented: str, manifest: dict) -> list[str]:
 def nearest_neighbours(vectors_uri: str, model: str, n_words: int, k: int = 5,
                        words: list[str] | None = None) -> dict[str, list[str]]:
     """For the first `n_words` inferred words (of `words`, when given), the `k` whole-word vocabulary tokens
-    whose input embeddings are nearest (cosine) to the inferred vector (pipeline.evaluate.nearest_neighbours)."""
+    whose input embeddings are nearest (cosine) to the inferred vector (pipeline.evaluate.nearest_tokens)."""
     table = storage.read_parquet(storage.join(vectors_uri, "vectors.parquet"))
     if words is not None:
         table = table.filter(pc.is_in(table["word"], pa.array(words, pa.string())))
-    return ev.nearest_neighbours(table.slice(0, n_words), resolve_model(model, check=False), k)
+    return nearest_tokens(table.slice(0, n_words), resolve_model(model, check=False), k)
 
 
 __doc__ = __doc__.format(layout=layout())

@@ -35,7 +35,8 @@ from pipeline.checkpoint import read_final
 from pipeline.config import ConfigError, to_dict
 from pipeline.model import (FUSED_MODES, GATED_MODES, NgramVocab, embedding_size, reads_cached_features,
                             saved_config)
-from pipeline.train import LOSSES, STAGES, LoopSettings, Sampling
+from pipeline.train import (LOSSES, STAGES, LoopSettings, Sampling, bucket_order, bucket_words, epoch_bucket_batches,
+                            steps_per_epoch, train_loop)
 from pipeline.words import read_word_set
 
 OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer", "loss.png", "checkpoints",
@@ -352,12 +353,11 @@ def _steps(config: TrainConfig, plan: _Plan, sampling: Sampling, buckets: list[s
     """Steps per epoch and the number of training words, from which words each bucket trains on."""
     import ray
 
-    from pipeline import train as training
 
     # --- Ray Data: which words each bucket trains on (counts only; the plan is computed here).
     sizes = ray.data.from_items([{"bucket": b, "uri": u} for b, u in zip(bucket_ids, buckets)],
                                 override_num_blocks=max(1, len(buckets)))
-    sizes = sizes.map_batches(training.bucket_words, batch_size=1, batch_format="numpy",
+    sizes = sizes.map_batches(bucket_words, batch_size=1, batch_format="numpy",
                               fn_kwargs={"targets_ref": targets_ref, "min_count": plan.min_count})
     sizes = pa.concat_tables(list(sizes.iter_batches(batch_size=None, batch_format="pyarrow"))
                              or [pa.table({"bucket": pa.array([], pa.int64())})])
@@ -367,7 +367,7 @@ def _steps(config: TrainConfig, plan: _Plan, sampling: Sampling, buckets: list[s
         words = pc.sum(pc.greater(sizes["n_contexts"], 0)).as_py() or 0
     if not words:
         _no_training_words(config, plan.min_count, plan.excluded)
-    return training.steps_per_epoch(sizes, config.epochs, sampling), words
+    return steps_per_epoch(sizes, config.epochs, sampling), words
 
 
 def _loop_settings(config: TrainConfig, plan: _Plan, total_steps: int) -> LoopSettings:
@@ -463,17 +463,16 @@ def _fit(config: TrainConfig, loop: LoopSettings, sampling: Sampling, buckets: l
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline import train as training
 
     # --- Ray Data: one task per (epoch, bucket), in the seeded order of each epoch; every
     # worker reads the ordered stream and keeps its own batches (pipeline/train.py).
     uri_of = dict(zip(bucket_ids, buckets))
     items = [{"epoch": e, "position": p, "bucket": b, "uri": uri_of[b]}
              for e in range(config.epochs)
-             for p, b in enumerate(b for b in training.bucket_order(max(bucket_ids) + 1, e, config.seed)
+             for p, b in enumerate(b for b in bucket_order(max(bucket_ids) + 1, e, config.seed)
                                    if b in uri_of)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(training.epoch_bucket_batches, batch_size=1, batch_format="numpy",
+    ds = ds.map_batches(epoch_bucket_batches, batch_size=1, batch_format="numpy",
                         fn_kwargs={"targets_ref": targets_ref, "sampling": sampling})
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # every worker must see the batches in the same order
@@ -486,7 +485,7 @@ def _fit(config: TrainConfig, loop: LoopSettings, sampling: Sampling, buckets: l
     scaling = ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                             resources_per_worker={"CPU": config.cpus_per_worker} if config.cpus_per_worker else None)
     trainer = TorchTrainer(
-        training.train_loop,
+        train_loop,
         train_loop_config={"settings": dataclasses.asdict(loop), "cpus_per_worker": config.cpus_per_worker,
                            "local_mode": config.num_workers == 0,
                            "fault_marker": storage.absolute(storage.join(checkpoints, run_name, "fault-drill-done"))},

@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 from pipeline.console import PROGRESS_EVERY_S, log
 from jobs.stage import Stage, upstream
 from pipeline import infer, storage
-from pipeline.behaviour import TRAINABLE, BehaviourSettings, tune as tune_model
+from pipeline import behaviour
+from pipeline.behaviour import TRAINABLE, BehaviourSettings
 from pipeline.config import ConfigError
 from pipeline.model import FUSED_MODES, saved_config, uses_context
 from pipeline.words import read_word_set
@@ -103,7 +104,7 @@ def _tune(config: TuneConfig, ready: None) -> dict:
                 f"{(config.steps - step) * seconds / step:.0f} s")
 
     try:
-        history = tune_model(bertram, tokenizer, words, contexts, settings, on_step=report)
+        history = behaviour.tune(bertram, tokenizer, words, contexts, settings, on_step=report)
     except ValueError as exc:
         raise ConfigError(f"tune: {exc}") from None
     bertram.save_pretrained(config.output, tokenizer)

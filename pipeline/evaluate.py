@@ -371,7 +371,7 @@ def _png(plt, fig) -> bytes:
     return buf.getvalue()
 
 
-def nearest_neighbours(vectors: pa.Table, model_path: str, k: int = 5) -> dict[str, list[str]]:
+def nearest_tokens(vectors: pa.Table, model_path: str, k: int = 5) -> dict[str, list[str]]:
     """For each word of a vectors table (word, vector), the `k` whole-word vocabulary tokens of the model at
     `model_path` whose input embeddings are nearest (cosine) to its vector."""
     from transformers import AutoModel, AutoTokenizer
