@@ -73,14 +73,6 @@ def complete_input(flag: str, uri: str, job: str) -> dict:
     return found
 
 
-def read_word_set(uri: str, flag: str) -> set[str]:
-    """The words of a words file (one per line), or one line saying it holds none."""
-    words = {w.strip() for w in storage.read_text(uri).splitlines() if w.strip()}
-    if not words:
-        raise ConfigError(f"{flag} {storage.redact(uri)} holds no words; give one word per line")
-    return words
-
-
 def _pop_verbose(argv: list[str]) -> tuple[list[str], bool]:
     """argv without `--verbose [true|false]` / `--verbose=...`, and its value."""
     words = BOOL_WORDS

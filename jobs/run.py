@@ -232,7 +232,7 @@ def _is_gated(run: Run) -> bool:
 
 PIPELINE: tuple[Output, ...] = (
     Output("preprocessed/", "vocabulary and context buckets of the frequent words",
-           "`vocab.parquet`, `contexts/bucket-*.parquet` (README, \"Outputs of `jobs.preprocess`\")", "jobs.preprocess",
+           "`vocab.parquet`, `contexts/bucket-*.parquet` (\"Outputs of `jobs.preprocess`\" in README.md)", "jobs.preprocess",
            "Ray Data tasks: one per split to count; one per split to sample, then one per bucket to select", "`--corpus`",
            preprocess.STAGE, lambda r: PreprocessConfig(**vars(r.config.preprocess), corpus=r.config.corpus,
                                                             output=r["preprocessed/"], **r.common)),

@@ -136,10 +136,12 @@ def test_the_pipeline_runs_every_stage_and_a_rerun_skips_them(ray_local, tiny_be
 
 
 def test_readme_configuration_reference_is_up_to_date():
-    from jobs.reference import README, updated
+    from jobs.reference import DESIGN, README, updated, updated_design
 
     text = README.read_text(encoding="utf-8")
-    assert updated(text) == text, "README.md's configuration reference is stale: run python -m jobs.reference"
+    assert updated(text) == text, "README.md's generated sections are stale: run python -m jobs.reference"
+    text = DESIGN.read_text(encoding="utf-8")
+    assert updated_design(text) == text, "docs/DESIGN.md's outputs table is stale: run python -m jobs.reference"
 
 
 def test_local_s3_script_runs_a_command_against_s3_and_keeps_the_bucket(tmp_path):
