@@ -30,8 +30,9 @@ import torch
 
 from jobs.stage import Stage, upstream
 from pipeline.console import log
-from pipeline.evaluate import (cosine_plot, inferred_at, is_wordpiece, key_word_vectors, markdown_table, pca_plot,
-                               reconstruction, single_token_ids, split_heldout, wnlampro_results, wnlampro_table)
+from pipeline.evaluate import (cosine_plot, inferred_at, is_wordpiece, json_ready, key_word_vectors, masked_lm,
+                               pca_plot, reconstruction, report_markdown, single_token_ids, split_heldout,
+                               wnlampro_results)
 from pipeline import augment, downstream, families, infer, storage, targets, wnlampro
 from pipeline.config import ConfigError
 from pipeline.model import autocast, embedding_size, saved_config
@@ -205,8 +206,9 @@ def _evaluate(config: EvaluateConfig, ready: dict) -> dict:
         report["wnlampro"] = _wnlampro(config, entries, loaded[MAIN], ready["masked_lm"], tokenizer, device)
     for name, png in plots.items():
         storage.write_bytes(storage.join(config.output, name), png)
-    storage.write_json(storage.join(config.output, "report.json"), _json_ready(report))
-    storage.write_text(storage.join(config.output, "report.md"), _markdown(config, report, list(plots)))
+    storage.write_json(storage.join(config.output, "report.json"), json_ready(report))
+    storage.write_text(storage.join(config.output, "report.md"),
+                       report_markdown(report, storage.redact(config.bertram), config.model, config.counts, list(plots)))
     summary = {}
     if "reconstruction" in report:
         summary["reconstruction_words"] = report["reconstruction"]["words"]["evaluated"]
@@ -234,19 +236,7 @@ def _read_wnlampro(uri: str, set_type: str) -> list[wnlampro.Entry]:
 
 def _masked_lm(name: str, path: str):
     """The masked LM of --model; a ConfigError when its checkpoint has no trained MLM head."""
-    from transformers import AutoModelForMaskedLM
-    from transformers.utils import logging
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()  # our own message below says what matters
-    logging.disable_progress_bar()
-    try:
-        lm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-    head = sorted(k for k in info["missing_keys"] if not k.startswith(lm.base_model_prefix + "."))
+    lm, head = masked_lm(path)
     if head:
         raise ConfigError(f"--model {name} has no trained masked-LM head ({len(head)} weights missing, e.g. "
                           f"{head[0]}); WNLaMPro needs one: give an MLM checkpoint like bert-base-uncased or "
@@ -269,10 +259,10 @@ def _reconstruction(config: EvaluateConfig, heldout: list[str], contexts: dict[s
         f"{len(no_contexts)} without contexts skipped), {len(loaded)} models x {len(config.counts)} counts")
     t0 = time.time()
     rows = reconstruction(loaded, usable, tokenizer, embedding, config.counts, config.seed,
-                             on_row=lambda r: log(f"evaluate: {r['model']}, {r['contexts']} contexts: cosine "
-                                                  f"{r['cosine']:.3f}, MRR {r['mrr']:.3f}, median rank "
-                                                  f"{r['median_rank']:.0f} ({time.time() - t0:.0f} s)"),
-                             max_seq_length=config.max_seq_length)
+                          on_row=lambda r: log(f"evaluate: {r['model']}, {r['contexts']} contexts: cosine "
+                                               f"{r['cosine']:.3f}, MRR {r['mrr']:.3f}, median rank "
+                                               f"{r['median_rank']:.0f} ({time.time() - t0:.0f} s)"),
+                          max_seq_length=config.max_seq_length)
     baseline = "mean of word pieces" if is_wordpiece(tokenizer) else (
         f"skipped: it splits a word into WordPiece pieces as if it were not in the vocabulary, and "
         f"{type(tokenizer).__name__} is not a WordPiece tokenizer")
@@ -322,71 +312,6 @@ def _wnlampro(config: EvaluateConfig, entries: list[wnlampro.Entry], main_model:
     return {"file": storage.redact(config.wnlampro), "set": config.wnlampro_set, "entries": len(entries),
             "key_words": len(keys), "vectors": {k: len(v) for k, v in sources.items()},
             "without_vector": sources["none"], "results": results}
-
-
-# ---------------------------------------------------------------------------------------
-# The report
-
-
-def _json_ready(value):
-    """NaN (no word could be scored) as null: report.json stays strict JSON."""
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, float) and value != value:
-        return None
-    return value
-
-
-def _some(words: list[str], k: int = 10) -> str:
-    return ", ".join(words[:k]) + (f" and {len(words) - k} more" if len(words) > k else "")
-
-
-def _markdown(config: EvaluateConfig, report: dict, plots: list[str]) -> str:
-    lines = [f"# BERTRAM evaluation: {storage.redact(config.bertram)}", "",
-             f"Language model: `{config.model}`. Models:", ""]
-    lines += [f"* **{name}**: `{m['uri']}` (mode {m['mode']})" for name, m in report["models"].items()]
-    if "reconstruction" in report:
-        rec = report["reconstruction"]
-        words = rec["words"]
-        lines += ["", "## Reconstruction of held-out words", "",
-                  "Cosine of the inferred to the true input embedding, and the rank of the true word among all "
-                  f"{rec['embedding_rows']} input embeddings by cosine to the inferred vector (1 = nearest), for "
-                  f"vectors inferred from 1..{max(config.counts)} sampled contexts.", "",
-                  f"{words['evaluated']} of {words['heldout']} held-out words evaluated; "
-                  f"{len(words['not_single_token'])} are not single tokens"
-                  + (f" ({_some(words['not_single_token'])})" if words['not_single_token'] else "")
-                  + f", {len(words['no_contexts'])} have no context that contains them"
-                  + (f" ({_some(words['no_contexts'])})" if words['no_contexts'] else "") + ". "
-                  + "".join(f"{k} words have fewer than {n} contexts and use all they have. "
-                            for n, k in words["fewer_contexts_than"].items() if k)
-                  + f"Baseline: {rec['baseline']}.", "",
-                  markdown_table(rec["rows"])]
-        if "reconstruction.png" in plots:
-            lines += ["", "![cosine and median rank vs contexts](reconstruction.png)"]
-        if "pca.png" in plots:
-            lines += ["", f"PCA of inferred ({MAIN}, {max(config.counts)} contexts) and true vectors of a sample "
-                      "of held-out words; a line joins each word's two points.", "", "![PCA](pca.png)"]
-    if report.get("downstream", {}).get("rows"):
-        lines += ["", "## Downstream: the language model's outputs", "",
-                  "What the language model computes with each held-out word in sentences BERTRAM did not read: the "
-                  "word as the pieces it would get without its token (the model without BERTRAM), as one token "
-                  "carrying the mean of those pieces' rows (control), and as one token carrying its BERTRAM vector "
-                  "(what the augmented model does with the plain word).", "",
-                  downstream.markdown_table(report["downstream"]["rows"], report["downstream"]["pooling"],
-                                            report["downstream"]["row_norm"])]
-    if "wnlampro" in report:
-        wn = report["wnlampro"]
-        lines += ["", "## WNLaMPro", "",
-                  "Mean reciprocal rank of the best gold relative among the masked LM's whole-word predictions "
-                  "(0 when none is in the top 100) and P@k (share of entries with a gold word in the top k), by "
-                  "key-word count: rare < 10 <= medium < 100 <= frequent.", "",
-                  f"{wn['entries']} {wn['set']} entries of `{wn['file']}`, {wn['key_words']} key words; "
-                  f"BERTRAM vectors from contexts for {wn['vectors']['contexts']}, from the form only for "
-                  f"{wn['vectors']['form']}, none for {wn['vectors']['none']} (those stay plain).", "",
-                  wnlampro_table(wn["results"])]
-    return "\n".join(lines) + "\n"
 
 
 STAGE = Stage(name="evaluate", config=EvaluateConfig, outputs=OUTPUT_NAMES, inputs=_inputs, check=_check,

@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from pipeline import augment, infer, wnlampro
+from pipeline import augment, downstream, infer, wnlampro
 from pipeline.batching import mask_word
 from pipeline.model import uses_context, uses_form
 from pipeline.targets import split_by_pieces, whole_word_tokens, wordpiece_without
@@ -386,3 +386,82 @@ def nearest_tokens(vectors: pa.Table, model_path: str, k: int = 5) -> dict[str, 
     sims = F.normalize(rows, dim=-1) @ F.normalize(embedding[ids], dim=-1).T  # (W, V')
     top = sims.topk(min(k, len(ids)), dim=-1).indices.tolist()
     return {w: [words[i] for i in row] for w, row in zip(vectors["word"].to_pylist(), top)}
+
+
+def masked_lm(path: str):
+    """The masked LM at `path` and the names of its head's weights the checkpoint lacks (random: no MLM head)."""
+    from transformers import AutoModelForMaskedLM
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()  # the caller's message says what matters
+    logging.disable_progress_bar()
+    try:
+        lm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+    return lm, sorted(k for k in info["missing_keys"] if not k.startswith(lm.base_model_prefix + "."))
+
+
+def json_ready(value):
+    """NaN (no word could be scored) as null: report.json stays strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_ready(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def _some(words: list[str], k: int = 10) -> str:
+    return ", ".join(words[:k]) + (f" and {len(words) - k} more" if len(words) > k else "")
+
+
+def report_markdown(report: dict, bertram: str, model: str, counts: Sequence[int], plots: list[str],
+                    main: str = "bertram") -> str:
+    """report.md of jobs.evaluate: the models, the reconstruction table and plots, the downstream table, WNLaMPro."""
+    lines = [f"# BERTRAM evaluation: {bertram}", "", f"Language model: `{model}`. Models:", ""]
+    lines += [f"* **{name}**: `{m['uri']}` (mode {m['mode']})" for name, m in report["models"].items()]
+    if "reconstruction" in report:
+        rec = report["reconstruction"]
+        words = rec["words"]
+        lines += ["", "## Reconstruction of held-out words", "",
+                  "Cosine of the inferred to the true input embedding, and the rank of the true word among all "
+                  f"{rec['embedding_rows']} input embeddings by cosine to the inferred vector (1 = nearest), for "
+                  f"vectors inferred from 1..{max(counts)} sampled contexts.", "",
+                  f"{words['evaluated']} of {words['heldout']} held-out words evaluated; "
+                  f"{len(words['not_single_token'])} are not single tokens"
+                  + (f" ({_some(words['not_single_token'])})" if words['not_single_token'] else "")
+                  + f", {len(words['no_contexts'])} have no context that contains them"
+                  + (f" ({_some(words['no_contexts'])})" if words['no_contexts'] else "") + ". "
+                  + "".join(f"{k} words have fewer than {n} contexts and use all they have. "
+                            for n, k in words["fewer_contexts_than"].items() if k)
+                  + f"Baseline: {rec['baseline']}.", "",
+                  markdown_table(rec["rows"])]
+        if "reconstruction.png" in plots:
+            lines += ["", "![cosine and median rank vs contexts](reconstruction.png)"]
+        if "pca.png" in plots:
+            lines += ["", f"PCA of inferred ({main}, {max(counts)} contexts) and true vectors of a sample "
+                      "of held-out words; a line joins each word's two points.", "", "![PCA](pca.png)"]
+    if report.get("downstream", {}).get("rows"):
+        lines += ["", "## Downstream: the language model's outputs", "",
+                  "What the language model computes with each held-out word in sentences BERTRAM did not read: the "
+                  "word as the pieces it would get without its token (the model without BERTRAM), as one token "
+                  "carrying the mean of those pieces' rows (control), and as one token carrying its BERTRAM vector "
+                  "(what the augmented model does with the plain word).", "",
+                  downstream.markdown_table(report["downstream"]["rows"], report["downstream"]["pooling"],
+                                            report["downstream"]["row_norm"])]
+    if "wnlampro" in report:
+        wn = report["wnlampro"]
+        lines += ["", "## WNLaMPro", "",
+                  "Mean reciprocal rank of the best gold relative among the masked LM's whole-word predictions "
+                  "(0 when none is in the top 100) and P@k (share of entries with a gold word in the top k), by "
+                  "key-word count: rare < 10 <= medium < 100 <= frequent.", "",
+                  f"{wn['entries']} {wn['set']} entries of `{wn['file']}`, {wn['key_words']} key words; "
+                  f"BERTRAM vectors from contexts for {wn['vectors']['contexts']}, from the form only for "
+                  f"{wn['vectors']['form']}, none for {wn['vectors']['none']} (those stay plain).", "",
+                  wnlampro_table(wn["results"])]
+    return "\n".join(lines) + "\n"
