@@ -36,7 +36,7 @@ from pipeline.config import ConfigError, to_dict
 from pipeline.model import (FUSED_MODES, GATED_MODES, NgramVocab, embedding_size, reads_cached_features,
                             saved_config)
 from pipeline.train import (LOSSES, STAGES, LoopSettings, Sampling, bucket_order, bucket_words, epoch_bucket_batches,
-                            steps_per_epoch, train_loop)
+                            loss_plot, steps_per_epoch, train_loop)
 from pipeline.words import read_word_set
 
 OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer", "loss.png", "checkpoints",
@@ -505,7 +505,7 @@ def _finish(config: TrainConfig, result, tokenizer, mode: str, words: int, exclu
     # (local mode: the checkpoint is a temporary directory of this process, removed once read)
     model, progress = read_final(result.checkpoint, local_mode=config.num_workers == 0)
     model.save_pretrained(config.output, tokenizer)
-    storage.write_bytes(storage.join(config.output, "loss.png"), _loss_png(progress["losses"], config.stage, objective))
+    storage.write_bytes(storage.join(config.output, "loss.png"), loss_plot(progress["losses"], config.stage, objective))
     seconds = max(progress["train_seconds"], 1e-9)
     losses = progress["losses"]
     return dict(mode=mode, loss=objective, words=words, vocab_words=vocab_words, excluded_words=excluded,
@@ -527,28 +527,6 @@ def _summary(out: dict) -> str:
     if out.get("final_loss") is not None:
         return f"{out.get('steps')} steps, final loss {out['final_loss']:.4g}"
     return f"{out.get('steps')} steps"
-
-
-def _loss_png(losses: list[list[float]], stage: str, objective: str = "mse") -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if losses:
-        ax.plot([s for s, _ in losses], [v for _, v in losses])
-    ax.set_xlabel("step")
-    ax.set_ylabel("MSE loss" if objective == "mse" else "1 - cosine")
-    ax.set_title(f"BERTRAM {stage} stage")
-    ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 STAGE = Stage(name="train {stage}", config=TrainConfig, outputs=OUTPUT_NAMES, inputs=_inputs, check=_plan,

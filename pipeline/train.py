@@ -650,3 +650,26 @@ def train_loop(config: dict) -> None:
     reporter = Reporter(w, local_mode=bool(config.get("local_mode")))
     batches = shard.iter_torch_batches(batch_size=1, collate_fn=collate, prefetch_batches=4)
     run_steps(w, batches, reporter, fault, marker, just_resumed=resumed is not None)
+
+
+def loss_plot(losses: list[list[float]], stage: str, objective: str = "mse") -> bytes:
+    """loss.png of a training stage: the loss at each logged step."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if losses:
+        ax.plot([s for s, _ in losses], [v for _, v in losses])
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE loss" if objective == "mse" else "1 - cosine")
+    ax.set_title(f"BERTRAM {stage} stage")
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
