@@ -72,23 +72,28 @@ def reset(output: str, stage: str, owned: tuple[str, ...], keep: tuple[str, ...]
         if not keep:
             storage.delete(output)
         else:
-            prefix = storage.join(storage.absolute(output), "")
-            for f in storage.list_files(output, hidden=True):
-                top = f.uri[len(prefix):].lstrip("/").split("/", 1)[0] if f.uri.startswith(prefix) else f.uri
+            for top in _top_level_names(output):
                 if not any(fnmatch.fnmatchcase(top, pattern) for pattern in keep):
-                    storage.delete(f.uri)
+                    storage.delete(storage.join(output, top))
     storage.make_dirs(output)
 
 
 def check_owned(output: str, owned: tuple[str, ...], what: str) -> None:
     """One line, and nothing deleted, when `output` holds a file whose top-level name matches none of
     `owned` (or the manifest): then it is a user's directory. Hidden and `_`-named files count too."""
-    prefix = storage.join(storage.absolute(output), "")  # list_files gives local paths absolute
-    for f in storage.list_files(output, hidden=True):  # a user's .env or _draft counts too
-        top = f.uri[len(prefix):].lstrip("/").split("/", 1)[0] if f.uri.startswith(prefix) else f.uri
+    for top in _top_level_names(output):
         if not any(fnmatch.fnmatchcase(top, pattern) for pattern in owned + (MANIFEST,)):
+            example = storage.join(output, top)
             raise storage.UserError(f"--output {storage.redact(output)} holds files that are not {what} output "
-                                    f"(e.g. {storage.redact(f.uri)}); choose a new or empty location")
+                                    f"(e.g. {storage.redact(example)}); choose a new or empty location")
+
+
+def _top_level_names(output: str) -> list[str]:
+    """The top-level names under `output` that hold files (hidden and `_`-named files count too)."""
+    prefix = storage.join(storage.absolute(output), "")  # list_files gives local paths absolute
+    names = [f.uri[len(prefix):].lstrip("/").split("/", 1)[0] if f.uri.startswith(prefix) else f.uri
+             for f in storage.list_files(output, hidden=True)]
+    return list(dict.fromkeys(names))
 
 
 def versions() -> dict[str, str]:
