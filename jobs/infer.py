@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from jobs.common import connect_ray
 from pipeline.console import log, progress
-from jobs.preprocess import PreprocessConfig, preprocess, unmatchable_words
+from jobs import preprocess
 from jobs.stage import Stage, upstream
 from pipeline.infer import InferActor, read_contexts, usable_contexts
 from pipeline import manifest, storage
@@ -125,7 +125,7 @@ def _words(config: InferConfig, mode: str) -> list[str] | None:
     if not config.corpus:
         return read_words(config.words) if config.words else None
     words = read_words(config.words, lowercase=config.lowercase)
-    if not uses_form(mode) and (never := unmatchable_words(words, config.lowercase)):
+    if not uses_form(mode) and (never := preprocess.unmatchable_words(words, config.lowercase)):
         raise _no_contexts_error(config.bertram, never)  # they can never have contexts: fail before the corpus
     return words
 
@@ -133,17 +133,18 @@ def _words(config: InferConfig, mode: str) -> list[str] | None:
 def gather(config: InferConfig, mode: str, words: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
     """The words, in input order, and the contexts inference reads for each (those containing it, capped).
 
-    Words from --corpus are gathered into the `preprocessed/` sub-output by jobs.preprocess.
+    Words from --corpus are gathered into the `preprocessed/` sub-output by the preprocess stage, which this
+    stage runs as a sub-stage (its reset keeps that sub-output: `STAGE.keep`).
     A context-only model fails here for words without contexts, before any inference.
     """
     if config.corpus:
         source = storage.join(config.output, PREPROCESSED)
         # The sub-output is reused unless the words file now holds other words (same name, new content).
         stale = manifest.is_complete(source) and set(read_contexts(source)) != set(words)
-        preprocess(PreprocessConfig(corpus=config.corpus, output=source, words=config.words,
-                                    num_buckets=PREPROCESS_BUCKETS, max_contexts_per_word=config.max_contexts_per_word,
-                                    context_window=config.context_window, lowercase=config.lowercase,
-                                    overwrite=config.overwrite or stale, num_cpus=config.num_cpus))
+        preprocess.STAGE.run(preprocess.PreprocessConfig(
+            corpus=config.corpus, output=source, words=config.words, num_buckets=PREPROCESS_BUCKETS,
+            max_contexts_per_word=config.max_contexts_per_word, context_window=config.context_window,
+            lowercase=config.lowercase, overwrite=config.overwrite or stale, num_cpus=config.num_cpus))
     else:
         source = config.contexts
     found = read_contexts(source, words)
