@@ -2,8 +2,8 @@
 
     python benchmarks/compare_runs.py OLD_RUN NEW_RUN [--output benchmarks/results/compare.md]
 
-Parquet tables must be equal (schema and values), safetensors equal tensor by tensor, JSON equal
-after the run's root path is replaced by <run> and the keys that record *when* or *how fast* are
+Parquet tables must be equal (schema and values), safetensors equal tensor by tensor, JSON and text
+equal after the run's root path is replaced by <run> and the keys that record *when* or *how fast* are
 dropped (finished_at, wall_time_s, timings, train_seconds, *_per_s, versions, ...), text equal
 line by line. Checkpoint directories and logs are left out (they hold times); PNG plots are
 compared byte for byte but reported apart (matplotlib may stamp them). Writes one row per stage.
@@ -55,6 +55,9 @@ def same(a: pathlib.Path, b: pathlib.Path, roots: tuple[str, str]) -> str | None
             return None
         keys = sorted(k for k in set(ja) | set(jb) if ja.get(k) != jb.get(k)) if isinstance(ja, dict) else []
         return f"differs in {keys[:6]}"
+    if a.suffix in (".md", ".txt", ".csv", ".tsv"):
+        ta, tb = (_clean(f.read_text(encoding="utf-8"), roots) for f in (a, b))
+        return None if ta == tb else "text differs"
     return None if a.read_bytes() == b.read_bytes() else "bytes differ"
 
 
