@@ -86,8 +86,17 @@ def read_final(checkpoint, local_mode: bool) -> tuple[Bertram, dict]:
         model = Bertram.from_pretrained(d)
         progress = read_progress(d)
     if local_mode:
-        shutil.rmtree(checkpoint.path, ignore_errors=True)
+        _remove_temporary(checkpoint.path)
     return model, progress
+
+
+def _remove_temporary(path: str) -> None:
+    """Delete a checkpoint directory `TemporaryCheckpoints` made, and nothing else (a checkpoint in the run's
+    storage, or any other path, is left alone)."""
+    path = os.path.realpath(path)
+    if (os.path.basename(path).startswith(TEMP_PREFIX)
+            and os.path.dirname(path) == os.path.realpath(tempfile.gettempdir())):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class TemporaryCheckpoints:
@@ -110,8 +119,8 @@ class TemporaryCheckpoints:
             yield d
         finally:
             if not self.keep_newest:
-                shutil.rmtree(d, ignore_errors=True)
+                _remove_temporary(d)
             else:
                 for old in self.kept:
-                    shutil.rmtree(old, ignore_errors=True)
+                    _remove_temporary(old)
                 self.kept[:] = [d]

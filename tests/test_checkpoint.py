@@ -4,6 +4,9 @@ progress exactly; a missing or partial checkpoint; the read-back of a run's last
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,13 +116,24 @@ def test_read_final_returns_model_and_progress_and_removes_a_local_checkpoint(ti
     from ray.train import Checkpoint
 
     model, optimizer, scheduler = _training(tiny_bert, seed=0, steps=2)
-    directory = tmp_path / "checkpoint"
-    directory.mkdir()
+    directory = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))  # as TemporaryCheckpoints makes them: the only kind removed
     save_checkpoint(str(directory), model, optimizer, scheduler, _progress())
     read, progress = read_final(Checkpoint.from_directory(str(directory)), local_mode=local_mode)
     assert progress == _progress()
     assert _same(read.state_dict(), model.state_dict())
     assert directory.exists() != local_mode  # local mode: a temporary directory of the job, removed once read
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_read_final_never_removes_a_directory_it_did_not_make(tiny_bert, tmp_path):
+    from ray.train import Checkpoint
+
+    model, optimizer, scheduler = _training(tiny_bert, seed=0, steps=1)
+    directory = tmp_path / "checkpoint"  # e.g. a checkpoint in the run's storage: not a temporary one
+    directory.mkdir()
+    save_checkpoint(str(directory), model, optimizer, scheduler, _progress())
+    read_final(Checkpoint.from_directory(str(directory)), local_mode=True)
+    assert (directory / PROGRESS_NAME).exists()
 
 
 def test_temporary_directories_are_removed_or_only_the_newest_kept(tmp_path, monkeypatch):
