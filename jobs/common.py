@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 from pipeline import console, manifest, storage
 from pipeline.config import BOOL_WORDS, ConfigError, parse
-from pipeline.storage import UserError
+from pipeline.storage import UserError, os_error_in
 
 T = TypeVar("T")
 # Set for the driver and (inherited, or propagated by Ray Train) its workers unless the user set them:
@@ -39,6 +41,7 @@ def connect_ray(num_cpus: int | None = None) -> None:
             warm_up = ray.remote(_warm_up)
             for _ in range(int(ray.cluster_resources().get("CPU", 1))):
                 warm_up.remote()
+        _stop_on_sigterm()  # ray.init installed its own handler (exit 1, or an abort mid-training)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -57,6 +60,31 @@ def connect_ray(num_cpus: int | None = None) -> None:
 def _warm_up() -> None:
     import pipeline.contexts  # noqa: F401
     import pipeline.vocab  # noqa: F401
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM reached the job's driver: `ray job stop`, a pod's eviction, a spot node's preemption.
+
+    A KeyboardInterrupt: no `except Exception` on the way swallows it, and Ray's blocking calls (`ray.get`,
+    Ray Train's `fit`), which look for signals only to raise a KeyboardInterrupt, give it up. It unwinds the
+    stage (its output lock is released; its output holds no manifest) and `main` says it in one line."""
+
+
+_STOPPED_EXIT = 128 + signal.SIGTERM  # 143: what a shell reports for a process ended by SIGTERM
+_in_main = False  # a job's command line is running (not a test, not a notebook): SIGTERM is ours to handle
+_stopped_by: int | None = None  # the signal that stopped the job (Ray may re-raise a plain KeyboardInterrupt)
+
+
+def _on_sigterm(signum, frame) -> None:
+    global _stopped_by
+    _stopped_by = signum
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Stopped()
+
+
+def _stop_on_sigterm() -> None:
+    if _in_main and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def complete_input(flag: str, uri: str, job: str) -> dict:
@@ -97,17 +125,30 @@ def main(config_cls: type[T], run: Callable[[T], object], doc: str, prog: str,
          section: Callable[[dict], str] | None = None) -> None:
     """Parse the config, run the job in a console session (pipeline/console.py), and map user errors to one
     line + exit status 2. `log_under_output`: the full log goes to `<output>/logs/` (jobs.run)."""
+    global _in_main
     argv, verbose = _pop_verbose(list(sys.argv[1:] if argv is None else argv))
     try:
         config = parse(config_cls, argv, prog=prog, description=doc, section=section)
     except UserError as exc:
         _user_error(exc)
+    _in_main = True
+    _stop_on_sigterm()
     with console.session(prog.split(".")[-1], getattr(config, "output", None) if log_under_output else None,
                          verbose):
         try:
             run(config)
+        except KeyboardInterrupt:
+            if _stopped_by is None:
+                print(f"error: {prog.split('.')[-1]} interrupted (Ctrl-C); complete outputs are kept and the "
+                      "interrupted one holds no manifest: run the same command again to go on", file=sys.stderr,
+                      flush=True)
+                raise SystemExit(128 + signal.SIGINT) from None
+            print(f"error: {prog.split('.')[-1]} stopped by SIGTERM (ray job stop, an eviction, a preemption); "
+                  "complete outputs are kept and the stopped one holds no manifest: run the same command again "
+                  "to go on (training resumes from its last checkpoint)", file=sys.stderr, flush=True)
+            raise SystemExit(_STOPPED_EXIT) from None
         except Exception as exc:  # noqa: BLE001 - a user's error raised inside a Ray task arrives wrapped
-            cause = user_error_in(exc)
+            cause = user_error_in(exc) or os_error_in(exc, getattr(config, "output", None))
             if cause is None:
                 raise
             _user_error(cause)  # inside the session: the line is in the log too

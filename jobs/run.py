@@ -40,7 +40,7 @@ from jobs.stage import Stage
 from jobs.targets import TargetsConfig, TargetsOptions
 from jobs.train import TrainConfig, TrainOptions
 from jobs.tune import TuneConfig, TuneOptions
-from pipeline import storage, vocab
+from pipeline import lock, storage, vocab
 from pipeline.augment import describe_unreached
 from pipeline.config import ConfigError
 from pipeline.console import log, say
@@ -340,7 +340,11 @@ def run(config: RunConfig) -> dict:
     """Make every output of `PIPELINE` this run needs, in order (a complete one is skipped); returns the
     manifests by stage."""
     resolve_model(config.model)  # a model BERTRAM cannot serve is refused before the corpus is read
-    state = Run(config)
+    with lock.hold(config.output, "jobs.run"):  # one run at a time on a run directory (each stage: its output)
+        return _run(Run(config))
+
+
+def _run(state: Run) -> dict:
     for out in PIPELINE:
         if out.write is not None:
             state.words[out.name] = out.write(state) if out.when(state) else []

@@ -4,6 +4,8 @@ A stage declares its name, the config class its flags fill, the names it writes 
 `--output`, what it reads (the fingerprint of its inputs), the checks that must pass before
 its output is touched, and its work. `Stage.run` does the rest, the same way for every job:
 
+0. the output's lock is taken (pipeline/lock.py): a second run on the same output is one line naming the
+   first; SIGTERM unwinds the stage, releasing it (jobs/common.py);
 1. fingerprint the inputs (`inputs`; an upstream output that is not complete is one line);
 2. a complete output made from the same inputs with the same settings is reused ("skipping");
    one made with other settings is one line, never silently replaced (pipeline/manifest.py);
@@ -13,7 +15,8 @@ its output is touched, and its work. `Stage.run` does the rest, the same way for
    (a training stage that resumes from its checkpoints resets by itself: `reset=False`);
 5. the work writes the data and returns the manifest's fields;
 6. the manifest is written last, with the settings, the inputs and the time it took: from then
-   on the output is complete; the stage's end line (`done`) follows.
+   on the output is complete; the stage's end line (`done`) follows. A full disk (or a read-only output)
+   during the work is one line, and what the work wrote is removed again.
 
     STAGE = Stage(name="fuse", config=FuseConfig, outputs=OUTPUT_NAMES, inputs=_inputs, check=_load, work=_fuse,
                   done=lambda c, m: f"{m['mode']} model -> {m['output']}")
@@ -31,7 +34,7 @@ from typing import Any, Generic, TypeVar
 
 from jobs.common import complete_input, main
 from pipeline.console import log
-from pipeline import manifest, storage
+from pipeline import lock, manifest, storage
 from pipeline.config import to_dict
 
 C = TypeVar("C")
@@ -78,7 +81,11 @@ class Stage(Generic[C]):
         return self.name.format(**vars(config))
 
     def run(self, config: C) -> dict:
-        """Run the stage (or reuse its complete output); returns its manifest."""
+        """Run the stage (or reuse its complete output) holding its output's lock; returns its manifest."""
+        with lock.hold(config.output, self.label(config)):
+            return self._run(config)
+
+    def _run(self, config: C) -> dict:
         output, name = config.output, self.label(config)
         inputs = self.inputs(config)
         if manifest.reusable(output, name, self.settings(config), config.overwrite, inputs):
@@ -88,11 +95,26 @@ class Stage(Generic[C]):
         ready = self.check(config)
         if self.reset:
             manifest.reset(output, name, self.outputs, self.keep)
-        fields = self.work(config, ready)
+        try:
+            fields = self.work(config, ready)
+        except Exception as exc:  # noqa: BLE001 - a full disk or a read-only output: one line, space freed
+            problem = storage.os_error_in(exc)
+            if problem is None:
+                raise
+            raise self._failed_on_output(config, exc) from None
         result = manifest.write(output, name, self.settings(config), started, inputs=inputs, **fields)
         if self.done is not None:
             log(f"{name}: {self.done(config, result)}")
         return result
+
+    def _failed_on_output(self, config: C, exc: Exception) -> storage.StorageError:
+        """The one line for an OS error on the output; a stage that reset its output removes what it wrote (a
+        full disk gets its space back; nothing complete is lost: the output held no manifest)."""
+        output = config.output
+        written = sum(f.size for f in storage.list_files(output, hidden=True)) if storage.exists(output) else 0
+        if self.reset:
+            manifest.clear(output, self.outputs, self.keep)
+        return storage.os_error_in(exc, output, written)
 
     def main(self, doc: str, job: str, argv: list[str] | None = None) -> None:
         """The job's command line: parse the flags into the config, run, one line per user error (exit 2)."""

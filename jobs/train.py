@@ -31,7 +31,7 @@ from jobs.common import complete_input, connect_ray
 from jobs.stage import Stage, upstream
 from pipeline.console import log
 from pipeline import families, manifest, storage, targets, vocab
-from pipeline.checkpoint import read_final
+from pipeline.checkpoint import RUN_DIR_NAMES, has_checkpoint, read_final
 from pipeline.config import ConfigError, to_dict
 from pipeline.model import (FUSED_MODES, GATED_MODES, NgramVocab, embedding_size, reads_cached_features,
                             saved_config)
@@ -414,7 +414,7 @@ def _prepare_output(config: TrainConfig, run_name: str, checkpoints: str, settin
     """Fresh start (clear the output) or resume (keep checkpoints made with the same settings)."""
     recorded = storage.join(config.output, "train_config.json")
     run_dir = storage.join(checkpoints, run_name)
-    if not config.overwrite and storage.exists(recorded) and storage.exists(run_dir):
+    if not config.overwrite and storage.exists(recorded) and has_checkpoint(run_dir):
         previous = storage.read_json(recorded)
         if previous != storage.scrub_all({"config": settings, "inputs": inputs}):
             raise ConfigError(f"{storage.redact(config.output)} holds checkpoints of run {run_name!r} made with "
@@ -422,9 +422,11 @@ def _prepare_output(config: TrainConfig, run_name: str, checkpoints: str, settin
                               "--output / --run_name")
         log(f"train {config.stage}: resuming run {run_name!r} from {storage.redact(run_dir)}")
         return
+    if config.checkpoints and storage.exists(run_dir):  # a fresh run under this name: Ray would resume it
+        manifest.check_owned(run_dir, RUN_DIR_NAMES, "Ray Train checkpoint", flag="--checkpoints/--run_name")
     manifest.reset(config.output, f"train {config.stage}", OUTPUT_NAMES)
     if config.checkpoints:
-        storage.delete(run_dir)  # a fresh run under this name; Ray would otherwise resume it
+        storage.delete(run_dir)
     storage.write_json(recorded, {"config": settings, "inputs": inputs})
 
 

@@ -30,10 +30,21 @@ from contextlib import contextmanager
 
 import torch
 
+from pipeline import storage
 from pipeline.model import WEIGHTS_NAME, Bertram
 
 PROGRESS_NAME, STATE_NAME = "progress.json", "training_state.pt"
 TEMP_PREFIX = "bertram-checkpoint-"  # of the temporary directories checkpoints are written into
+
+
+# What Ray Train writes into a run's directory (`<--checkpoints>/<--run_name>/`), and the fault drill's marker:
+# a directory holding anything else is not a checkpoint directory of ours, and is never deleted.
+RUN_DIR_NAMES = ("checkpoint_*", "checkpoint_manager_snapshot.json", ".validate_storage_marker", "fault-drill-done")
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    """Whether a run's directory holds a checkpoint to resume from (not only Ray Train's markers)."""
+    return storage.exists(run_dir) and any("/checkpoint_" in f.uri for f in storage.list_files(run_dir))
 
 
 def new_progress(world_size: int, trained_parameters: list[str]) -> dict:

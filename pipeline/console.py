@@ -187,7 +187,7 @@ def session(job: str, run_output: str | None = None, verbose: bool = False) -> I
     try:
         yield path
     except (storage.UserError, SystemExit) as exc:  # one line says what to fix: no more lines around it
-        failed_by_user = isinstance(exc, storage.UserError) or exc.code == 2
+        failed_by_user = isinstance(exc, storage.UserError) or exc.code in (2, 130, 143)  # 130, 143: Ctrl-C, SIGTERM
         raise
     finally:
         if not ray_was_up:

@@ -16,6 +16,7 @@ from typing import Any
 from pipeline import storage
 
 MANIFEST = "manifest.json"
+LOCK_FILES = ".bertram-lock.json*"  # the output's lock (pipeline/lock.py), and its transient names
 _PACKAGES = ("bertram-ray", "ray", "torch", "transformers", "pyarrow", "numpy", "smart-open")
 
 
@@ -68,23 +69,26 @@ def reset(output: str, stage: str, owned: tuple[str, ...], keep: tuple[str, ...]
     """
     if storage.exists(output):
         check_owned(output, owned + keep, f"{'an' if stage[0] in 'aeiou' else 'a'} {stage}")
-        storage.delete(manifest_uri(output))  # first: from here on the output is partial
-        if not keep:
-            storage.delete(output)
-        else:
-            for top in _top_level_names(output):
-                if not any(fnmatch.fnmatchcase(top, pattern) for pattern in keep):
-                    storage.delete(storage.join(output, top))
+        clear(output, owned, keep)
     storage.make_dirs(output)
 
 
-def check_owned(output: str, owned: tuple[str, ...], what: str) -> None:
+def clear(output: str, owned: tuple[str, ...], keep: tuple[str, ...] = ()) -> None:
+    """Delete the manifest (first: from then on the output is partial) and every top-level name of `output`
+    that matches `owned` and not `keep`; the output's lock (pipeline/lock.py) stays with its holder."""
+    storage.delete(manifest_uri(output))
+    for top in _top_level_names(output):
+        if any(fnmatch.fnmatchcase(top, p) for p in owned) and not any(fnmatch.fnmatchcase(top, p) for p in keep):
+            storage.delete(storage.join(output, top))
+
+
+def check_owned(output: str, owned: tuple[str, ...], what: str, flag: str = "--output") -> None:
     """One line, and nothing deleted, when `output` holds a file whose top-level name matches none of
     `owned` (or the manifest): then it is a user's directory. Hidden and `_`-named files count too."""
     for top in _top_level_names(output):
-        if not any(fnmatch.fnmatchcase(top, pattern) for pattern in owned + (MANIFEST,)):
+        if not any(fnmatch.fnmatchcase(top, pattern) for pattern in owned + (MANIFEST, LOCK_FILES)):
             example = storage.join(output, top)
-            raise storage.UserError(f"--output {storage.redact(output)} holds files that are not {what} output "
+            raise storage.UserError(f"{flag} {storage.redact(output)} holds files that are not {what} output "
                                     f"(e.g. {storage.redact(example)}); choose a new or empty location")
 
 

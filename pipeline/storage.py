@@ -17,6 +17,7 @@ transparently; Ray Data and Ray Train get a `pyarrow.fs.FileSystem` from `filesy
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import os
@@ -406,3 +407,62 @@ def list_files(uri: str, hidden: bool = False) -> list[FileInfo]:
             continue
         files.append(FileInfo(full, item.size))
     return sorted(files, key=lambda f: f.uri)
+
+
+# What an OS error the user can fix means, and the fix (the rest are bugs: a traceback).
+_OS_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free space there or choose another --output"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space there or choose another --output"),
+    errno.EROFS: ("the filesystem is read-only", "choose a writable --output"),
+    errno.EACCES: ("permission denied", "check the file's permissions or choose another --output"),
+    errno.EPERM: ("operation not permitted", "check the file's permissions or choose another --output"),
+    errno.ENAMETOOLONG: ("a file name is too long", "choose a shorter --output"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) and run again"),
+}
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\][^'\n]*?(?:: '([^'\n]+)')?(?:$|\n|\))")
+
+
+def _os_errors(exc: BaseException):
+    """(errno, filename) of every OS error in the chain of `exc`, Ray's task errors (whose cause may only
+    be in their text) included."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _OS_ERRORS:
+            yield exc.errno, exc.filename if isinstance(exc.filename, str) else None
+        for match in _ERRNO_TEXT.finditer(str(exc)):
+            if int(match.group(1)) in _OS_ERRORS:
+                yield int(match.group(1)), match.group(2)
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+
+
+def os_error_in(exc: BaseException, output: str | None = None, written: int | None = None) -> StorageError | None:
+    """One line for an OS error the user can fix (a full disk, a read-only or forbidden path, a quota) found
+    in `exc`: what happened, where (the file, the --output and, for a full disk, the space left there and what
+    the stage had written), and the fix; None for any other failure."""
+    found = next(_os_errors(exc), None)
+    if found is None:
+        return None
+    number, filename = found
+    what, fix = _OS_ERRORS[number]
+    where = f" writing {redact(filename)}" if filename else ""
+    if output is not None:
+        where += f" (--output {redact(output)})"
+    if number in (errno.ENOSPC, errno.EDQUOT) and output is not None and is_local(output):
+        import shutil
+
+        probe = local_path(output)
+        while probe and not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        free = shutil.disk_usage(probe or ".").free
+        needs = f"; it needs more than the {_size(written)} it had written" if written else ""
+        where += f": {_size(free)} free there{needs}"
+    return StorageError(f"{what}{where}; {fix}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
