@@ -111,7 +111,8 @@ class Stage(Generic[C]):
         """The one line for an OS error on the output; a stage that reset its output removes what it wrote (a
         full disk gets its space back; nothing complete is lost: the output held no manifest)."""
         output = config.output
-        written = sum(f.size for f in storage.list_files(output, hidden=True)) if storage.exists(output) else 0
+        written = sum(f.size for f in storage.list_files(output, hidden=True) if not f.uri.endswith(lock.LOCK)) \
+            if storage.exists(output) else 0
         if self.reset:
             manifest.clear(output, self.outputs, self.keep)
         return storage.os_error_in(exc, output, written)

