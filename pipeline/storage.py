@@ -9,7 +9,10 @@ Every input and output of the pipeline is a URI:
 * `http://` / `https://` — read only.
 
 Credentials come from the standard provider chains (environment, config files,
-instance roles) and never appear in messages: `redact()` strips them from URIs.
+instance roles) and never appear in messages: `redact()` strips them from URIs. Nor do they
+reach Ray's own files: what this module raises holds no raw cause, `secrets_scrubbed()` guards
+the functions that run in Ray tasks, and corpus splits travel without their URIs'
+credentials (pipeline/corpus.py `split_rows`).
 
 Streaming reads go through `smart_open`, which decompresses `.gz`, `.bz2` and `.zst`
 transparently; Ray Data and Ray Train get a `pyarrow.fs.FileSystem` from `filesystem()`.
@@ -22,6 +25,9 @@ import json
 import os
 import posixpath
 import re
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -110,6 +116,26 @@ def scrub(text: str) -> str:
     return text
 
 
+@contextmanager
+def secrets_scrubbed() -> Iterator[None]:
+    """Re-raise what the block raises without the secrets its text, or the text of its causes, holds.
+
+    For code that runs in Ray tasks: Ray writes a task's error, traceback and causes included, into its
+    own log files (`logs/ray-data/` of the session: world-readable), which `scrub` never sees. A
+    UserError keeps its class (the job still prints its one line); any other error becomes a
+    RuntimeError holding its scrubbed traceback.
+    """
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - every error a task raises reaches Ray's logs
+        text = "".join(traceback.format_exception(exc))
+        if scrub(text) == text:
+            raise
+        if isinstance(exc, UserError):
+            raise type(exc)(scrub(str(exc))) from None
+        raise RuntimeError(scrub(text).rstrip()) from None
+
+
 def scrub_all(value: Any) -> Any:
     """`scrub` applied to every string in a JSON-like value (dict keys included)."""
     if isinstance(value, str):
@@ -171,8 +197,9 @@ def _transport_params(uri: str) -> dict[str, Any]:
 
 
 def _explain(uri: str, exc: BaseException) -> StorageError:
-    """Turn a low-level I/O exception into one line that names the cause and the fix."""
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    """Turn a low-level I/O exception into one line that names the cause and the fix (scrubbed: it may be
+    raised in a Ray task, whose errors Ray logs as they are)."""
+    text = scrub(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
     where = redact(uri)
     lowered = text.lower()
     if isinstance(exc, FileNotFoundError) or "nosuchkey" in lowered or "not found" in lowered or "404" in lowered:
@@ -236,7 +263,7 @@ def open_read(uri: str, compression: str = "infer", offset: int = 0) -> IO[bytes
             stream.seek(offset)
         return stream
     except Exception as exc:  # noqa: BLE001 - every backend raises its own types
-        raise _explain(uri, exc) from exc
+        raise _explain(uri, exc) from None
 
 
 def read_bytes(uri: str) -> bytes:
@@ -282,7 +309,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         with fs.open_output_stream(path) as f:  # object stores publish on close: also atomic
             f.write(data)
     except Exception as exc:  # noqa: BLE001
-        raise _explain(uri, exc) from exc
+        raise _explain(uri, exc) from None
 
 
 def write_dir(local_dir: str, uri: str) -> None:
@@ -328,7 +355,7 @@ def exists(uri: str) -> bool:
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except Exception as exc:  # noqa: BLE001
-        raise _explain(uri, exc) from exc
+        raise _explain(uri, exc) from None
 
 
 def delete(uri: str) -> None:
@@ -341,7 +368,7 @@ def delete(uri: str) -> None:
         elif info.type == pafs.FileType.File:
             fs.delete_file(path)
     except Exception as exc:  # noqa: BLE001
-        raise _explain(uri, exc) from exc
+        raise _explain(uri, exc) from None
 
 
 def make_dirs(uri: str) -> None:
@@ -395,7 +422,7 @@ def list_files(uri: str, hidden: bool = False) -> list[FileInfo]:
             raise FileNotFoundError(base_path)
         infos = fs.get_file_info(pafs.FileSelector(base_path, recursive=True))
     except Exception as exc:  # noqa: BLE001
-        raise _explain(uri, exc) from exc
+        raise _explain(uri, exc) from None
     files = []
     for item in infos:
         if item.type != pafs.FileType.File or (not hidden and item.base_name.startswith((".", "_"))):
