@@ -102,7 +102,10 @@ def split_of(row: dict, uris_ref: Any) -> Split:
 
 
 def unreadable(uri: str, exc: Exception) -> storage.UserError:
-    """The one-line error for a corpus file that fails while it is read (truncated or corrupt archive)."""
+    """The one-line error for a corpus file that fails while it is read (truncated or corrupt archive, or a
+    server that stops sending: `storage.timed_out`)."""
+    if storage.is_timeout(exc):
+        return storage.timed_out(uri, exc)
     detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else type(exc).__name__
     detail = storage.scrub(detail)
     kind = next((s for s in storage.COMPRESSED_SUFFIXES if uri.lower().endswith(s)), None)

@@ -14,6 +14,9 @@ reach Ray's own files: what this module raises holds no raw cause, `secrets_scru
 the functions that run in Ray tasks, and corpus splits travel without their URIs'
 credentials (pipeline/corpus.py `split_rows`).
 
+Every network read and write has connect and read timeouts (`network_timeouts()`,
+`BERTRAM_NETWORK_TIMEOUT`): a server that stops answering fails the job with one line.
+
 Streaming reads go through `smart_open`, which decompresses `.gz`, `.bz2` and `.zst`
 transparently; Ray Data and Ray Train get a `pyarrow.fs.FileSystem` from `filesystem()`.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import posixpath
 import re
@@ -169,7 +173,8 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if kind == "s3":
         # allow_delayed_open: a small file is one PutObject instead of a multipart upload
         # (cheaper, and the multipart path fails on some S3-compatible servers, e.g. moto).
-        kwargs: dict[str, Any] = {"connect_timeout": 10, "request_timeout": 60, "allow_delayed_open": True,
+        connect, read = network_timeouts()
+        kwargs: dict[str, Any] = {"connect_timeout": connect, "request_timeout": read, "allow_delayed_open": True,
                                   "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
         endpoint = s3_endpoint()
         if endpoint:
@@ -186,19 +191,78 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _transport_params(uri: str) -> dict[str, Any]:
+    connect, read = network_timeouts()
+    if scheme(uri) in ("http", "https"):
+        return {"timeout": (connect, read)}  # requests: (connect, between two bytes of the response)
     if scheme(uri) != "s3":
         return {}
     import boto3
     from botocore.config import Config
 
     # Fail fast on an unreachable endpoint instead of retrying for minutes.
-    config = Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
+    config = Config(connect_timeout=connect, read_timeout=read, retries={"max_attempts": 3, "mode": "standard"})
     return {"client": boto3.client("s3", endpoint_url=s3_endpoint(), config=config)}
+
+
+NETWORK_TIMEOUT_ENV = "BERTRAM_NETWORK_TIMEOUT"
+_CONNECT_TIMEOUT_S, _READ_TIMEOUT_S = 10.0, 60.0
+
+
+def network_timeouts() -> tuple[float, float]:
+    """(connect, read) timeouts in seconds of every network read and write (http(s), S3).
+
+    `BERTRAM_NETWORK_TIMEOUT` seconds is how long a server may send nothing (the connect timeout is at
+    most 10 s of it); default 10 s / 60 s. Workers read it from their environment, as the AWS settings.
+    """
+    raw = os.environ.get(NETWORK_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return _CONNECT_TIMEOUT_S, _READ_TIMEOUT_S
+    try:
+        read = float(raw)
+    except ValueError:
+        read = math.nan
+    if not (math.isfinite(read) and read > 0):
+        raise ConfigError(f"{NETWORK_TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}")
+    return min(_CONNECT_TIMEOUT_S, read), read
+
+
+def _timeout_in(exc: BaseException | None) -> BaseException | None:
+    """The timeout (socket, requests, urllib3, botocore, Arrow) that is `exc` or one of its causes, if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).lower()
+        if any("timeout" in k.__name__.lower() for k in type(exc).__mro__) or "timed out" in text \
+                or "timeout was reached" in text:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """Whether `exc` or one of its causes is a timeout: a server that did not answer in `network_timeouts()`."""
+    return _timeout_in(exc) is not None
+
+
+def timed_out(uri: str, exc: BaseException) -> StorageError:
+    """The one line for a network read of `uri` that timed out (`is_timeout`): how long it waited, and the fix."""
+    cause = _timeout_in(exc) or exc
+    connecting = any("connect" in k.__name__.lower() and "timeout" in k.__name__.lower()
+                     for k in type(cause).__mro__)
+    connect, read = network_timeouts()
+    waited = f"timed out after {connect:g} s connecting" if connecting else \
+        f"timed out after {read:g} s without data from the server"
+    endpoint = s3_endpoint() if scheme(uri) == "s3" else None
+    text = scrub(f"{type(cause).__name__}: {cause}".splitlines()[0][:200])
+    return StorageError(f"{redact(uri)}: {waited}{f' at {endpoint}' if endpoint else ''} ({text}); check the "
+                        f"server/network or raise {NETWORK_TIMEOUT_ENV} (seconds)")
 
 
 def _explain(uri: str, exc: BaseException) -> StorageError:
     """Turn a low-level I/O exception into one line that names the cause and the fix (scrubbed: it may be
     raised in a Ray task, whose errors Ray logs as they are)."""
+    if is_timeout(exc):
+        return timed_out(uri, exc)
     text = scrub(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
     where = redact(uri)
     lowered = text.lower()
@@ -206,7 +270,7 @@ def _explain(uri: str, exc: BaseException) -> StorageError:
         return StorageError(f"{where}: not found; check the path or URI")
     if "nosuchbucket" in lowered:
         return StorageError(f"{where}: the bucket does not exist; create it or fix the URI")
-    if any(s in lowered for s in ("connect", "endpoint", "timed out", "timeout", "resolve", "unreachable")):
+    if any(s in lowered for s in ("connect", "endpoint", "resolve", "unreachable")):
         endpoint = s3_endpoint() if scheme(uri) == "s3" else None
         hint = f" at {endpoint}" if endpoint else ""
         return StorageError(f"{where}: storage unreachable{hint} ({text}); check the network and "

@@ -1,6 +1,6 @@
-"""Storage faults users hit (issue 24): a credential in a corpus URL reaching Ray's own log files. Each job
-runs as a user would (a subprocess) and must end with exit status 2 and one line, or succeed, within a
-bounded time; and no file Ray wrote for it holds the credential."""
+"""Storage faults users hit (issue 24): a credential in a corpus URL reaching Ray's own log files, and a
+network read that stalls. Each job runs as a user would (a subprocess) and must end with exit status 2
+and one line, or succeed, within a bounded time; and no file Ray wrote for it holds the credential."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import http.server
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -110,3 +112,76 @@ def test_an_error_a_task_raises_carries_no_credential_of_its_causes():
     assert "KeyError" in str(other.value) and user_error.value.__cause__ is None
     with pytest.raises(ValueError, match="nothing secret"), storage.secrets_scrubbed():
         raise ValueError("nothing secret")  # an error without a secret is raised as it is
+
+
+# --- 2. a server that stalls: one line within the network timeout, not a hang ----------------------------
+
+class _StallingServer:
+    """A TCP server on 127.0.0.1 that accepts every connection, sends `reply` (bytes, maybe nothing) and then
+    never sends another byte nor closes, until the test ends."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply, self.conns = reply, []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            self.conns.append(conn)
+            if self.reply:
+                conn.recv(65536)  # the request
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+_LINES = b"".join(b"the quick river stone number %d .\n" % i for i in range(50))
+
+
+@pytest.mark.parametrize("when", ["before_headers", "in_the_body"])
+def test_a_stalled_http_corpus_is_one_line_after_the_network_timeout(tmp_path, ray_tmp, when):
+    reply = b"" if when == "before_headers" else \
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 10000000\r\n\r\n" + _LINES
+    server = _StallingServer(reply)
+    try:
+        uri = f"http://user:{PASSWORD}@127.0.0.1:{server.port}/corpus.txt?token={TOKEN}"
+        start = time.time()
+        proc = _job_within(90, "preprocess", "--corpus", uri, "--output", tmp_path / "out",
+                           env={"BERTRAM_NETWORK_TIMEOUT": "2", "BERTRAM_LOG_DIR": str(tmp_path / "logs"),
+                                "RAY_TMPDIR": str(ray_tmp)})
+        took = time.time() - start
+    finally:
+        server.close()
+    line = _one_error_line(proc)
+    assert line.startswith(f"error: http://127.0.0.1:{server.port}/corpus.txt: ") and "timed out after 2 s" in line
+    assert "raise BERTRAM_NETWORK_TIMEOUT" in line and took < 60, (line, took)
+    assert _files_holding((PASSWORD, TOKEN), ray_tmp, tmp_path / "logs") == []
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_the_network_timeout_is_checked_and_named(monkeypatch, tmp_path):
+    import requests
+
+    from pipeline import storage
+
+    monkeypatch.delenv("BERTRAM_NETWORK_TIMEOUT", raising=False)
+    assert storage.network_timeouts() == (10.0, 60.0)
+    monkeypatch.setenv("BERTRAM_NETWORK_TIMEOUT", "2.5")
+    assert storage.network_timeouts() == (2.5, 2.5)
+    error = storage.timed_out(f"https://user:{PASSWORD}@host/c.txt", requests.exceptions.ConnectTimeout("timed out"))
+    assert str(error).startswith("https://host/c.txt: timed out after 2.5 s connecting (ConnectTimeout: timed out)")
+    monkeypatch.setenv("BERTRAM_NETWORK_TIMEOUT", "soon")
+    with pytest.raises(storage.UserError, match="BERTRAM_NETWORK_TIMEOUT must be a number of seconds > 0, "
+                                                "got 'soon'"):
+        storage.network_timeouts()
+    line = _one_error_line(_job_within(60, "preprocess", "--corpus", tmp_path / "c", "--output", tmp_path / "o",
+                                       env={"BERTRAM_LOG_DIR": str(tmp_path / "logs")}))
+    assert line == "error: BERTRAM_NETWORK_TIMEOUT must be a number of seconds > 0, got 'soon'"
