@@ -129,6 +129,7 @@ def main(config_cls: type[T], run: Callable[[T], object], doc: str, prog: str,
     argv, verbose = _pop_verbose(list(sys.argv[1:] if argv is None else argv))
     try:
         config = parse(config_cls, argv, prog=prog, description=doc, section=section)
+        storage.network_timeouts()  # a bad BERTRAM_NETWORK_TIMEOUT: refused before any work
     except UserError as exc:
         _user_error(exc)
     _in_main = True

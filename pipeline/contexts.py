@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage
-from pipeline.corpus import SENTENCE_END, Split, decode_lines, read_split, tokenize
+from pipeline.corpus import SENTENCE_END, Split, decode_lines, read_split, split_of, split_rows, tokenize
 
 # A sampled occurrence: `target` is the word's row in the targets table.
 SAMPLE_SCHEMA = pa.schema([("bucket", pa.int32()), ("target", pa.int32()), ("u", pa.float64()),
@@ -207,7 +207,7 @@ def _targets(ref) -> pa.Table:
 _TARGETS_CACHE: dict[str, pa.Table] = {}
 
 
-def sample_splits_batch(batch: pa.Table, targets_ref, work: str, lowercase: bool, max_line_bytes: int,
+def sample_splits_batch(batch: pa.Table, targets_ref, uris_ref, work: str, lowercase: bool, max_line_bytes: int,
                         window: int, seed: int) -> pa.Table:
     """Ray Data step 1: sample each split and write its rows as one fragment per bucket.
 
@@ -215,10 +215,16 @@ def sample_splits_batch(batch: pa.Table, targets_ref, work: str, lowercase: bool
     shuffle through storage, which scales past the object store and needs no shuffle
     actors. A retried task rewrites the same fragment names, so retries are harmless.
     """
+    with storage.secrets_scrubbed():
+        return _sample_splits(batch, targets_ref, uris_ref, work, lowercase, max_line_bytes, window, seed)
+
+
+def _sample_splits(batch: pa.Table, targets_ref, uris_ref, work: str, lowercase: bool, max_line_bytes: int,
+                   window: int, seed: int) -> pa.Table:
     targets = _targets(targets_ref)
     written = []
     for row in batch.to_pylist():
-        split = Split(**row)
+        split = split_of(row, uris_ref)  # (a `split_rows` row)
         rows = sample_split(split, targets, lowercase, max_line_bytes, window, seed).sort_by("bucket")
         buckets = rows["bucket"].to_numpy()
         bounds = np.flatnonzero(np.diff(buckets)) + 1
@@ -258,9 +264,10 @@ def build_buckets(splits: list[Split], targets: pa.Table, output: str, *, num_bu
     work = storage.join(output, "_work")
     # --- Ray: the target table goes to the object store once; tasks fetch it by reference.
     targets_ref = ray.put(targets)
-    ds = ray.data.from_items([s.__dict__ for s in splits], override_num_blocks=len(splits))
+    items, uris_ref = split_rows(splits)  # (no credential of a URI in Ray's logs)
+    ds = ray.data.from_items(items, override_num_blocks=len(splits))
     sampled = ds.map_batches(sample_splits_batch, batch_size=1, batch_format="pyarrow",
-                             fn_kwargs=dict(targets_ref=targets_ref, work=work, lowercase=lowercase,
+                             fn_kwargs=dict(targets_ref=targets_ref, uris_ref=uris_ref, work=work, lowercase=lowercase,
                                             max_line_bytes=max_line_bytes, window=window, seed=seed))
     for _ in progress(sampled.iter_batches(batch_size=None, batch_format="pyarrow"), len(splits), "splits",
                       "preprocess: sampling contexts"):

@@ -16,6 +16,7 @@ numbers (`3.14`) and unicode letters together.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -81,9 +82,32 @@ def make_splits(files: list[storage.FileInfo], split_bytes: int) -> list[Split]:
     return splits
 
 
+def split_rows(splits: list[Split]) -> tuple[list[dict], Any]:
+    """Rows of a Ray dataset of `splits` that hold no credential, and an object ref to their files' URIs.
+
+    A corpus URL's user:password@ or signed query would otherwise reach Ray's own files (the dataset's
+    logs and blocks); the rows carry the redacted URI, and a task gets the real one with `split_of`.
+    """
+    import ray
+
+    rows = [{**s.__dict__, "uri": storage.redact(s.uri)} for s in splits]
+    return rows, ray.put({s.file_id: s.uri for s in splits})
+
+
+def split_of(row: dict, uris_ref: Any) -> Split:
+    """The split of a `split_rows` row, with its file's real URI (in a Ray task)."""
+    import ray
+
+    return Split(**{**row, "uri": ray.get(uris_ref)[row["file_id"]]})
+
+
 def unreadable(uri: str, exc: Exception) -> storage.UserError:
-    """The one-line error for a corpus file that fails while it is read (truncated or corrupt archive)."""
+    """The one-line error for a corpus file that fails while it is read (truncated or corrupt archive, or a
+    server that stops sending: `storage.timed_out`)."""
+    if storage.is_timeout(exc):
+        return storage.timed_out(uri, exc)
     detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else type(exc).__name__
+    detail = storage.scrub(detail)
     kind = next((s for s in storage.COMPRESSED_SUFFIXES if uri.lower().endswith(s)), None)
     if kind:
         return storage.UserError(f"--corpus file {storage.redact(uri)} cannot be decompressed ({detail}): it is "

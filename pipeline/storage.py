@@ -9,7 +9,13 @@ Every input and output of the pipeline is a URI:
 * `http://` / `https://` — read only.
 
 Credentials come from the standard provider chains (environment, config files,
-instance roles) and never appear in messages: `redact()` strips them from URIs.
+instance roles) and never appear in messages: `redact()` strips them from URIs. Nor do they
+reach Ray's own files: what this module raises holds no raw cause, `secrets_scrubbed()` guards
+the functions that run in Ray tasks, and corpus splits travel without their URIs'
+credentials (pipeline/corpus.py `split_rows`).
+
+Every network read and write has connect and read timeouts (`network_timeouts()`,
+`BERTRAM_NETWORK_TIMEOUT`): a server that stops answering fails the job with one line.
 
 Streaming reads go through `smart_open`, which decompresses `.gz`, `.bz2` and `.zst`
 transparently; Ray Data and Ray Train get a `pyarrow.fs.FileSystem` from `filesystem()`.
@@ -20,9 +26,13 @@ from __future__ import annotations
 import errno
 import fnmatch
 import json
+import math
 import os
 import posixpath
 import re
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -111,6 +121,26 @@ def scrub(text: str) -> str:
     return text
 
 
+@contextmanager
+def secrets_scrubbed() -> Iterator[None]:
+    """Re-raise what the block raises without the secrets its text, or the text of its causes, holds.
+
+    For code that runs in Ray tasks: Ray writes a task's error, traceback and causes included, into its
+    own log files (`logs/ray-data/` of the session: world-readable), which `scrub` never sees. A
+    UserError keeps its class (the job still prints its one line); any other error becomes a
+    RuntimeError holding its scrubbed traceback.
+    """
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - every error a task raises reaches Ray's logs
+        text = "".join(traceback.format_exception(exc))
+        if scrub(text) == text:
+            raise
+        if isinstance(exc, UserError):
+            raise type(exc)(scrub(str(exc))) from None
+        raise RuntimeError(scrub(text).rstrip()) from None
+
+
 def scrub_all(value: Any) -> Any:
     """`scrub` applied to every string in a JSON-like value (dict keys included)."""
     if isinstance(value, str):
@@ -144,7 +174,8 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if kind == "s3":
         # allow_delayed_open: a small file is one PutObject instead of a multipart upload
         # (cheaper, and the multipart path fails on some S3-compatible servers, e.g. moto).
-        kwargs: dict[str, Any] = {"connect_timeout": 10, "request_timeout": 60, "allow_delayed_open": True,
+        connect, read = network_timeouts()
+        kwargs: dict[str, Any] = {"connect_timeout": connect, "request_timeout": read, "allow_delayed_open": True,
                                   "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
         endpoint = s3_endpoint()
         if endpoint:
@@ -161,26 +192,86 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _transport_params(uri: str) -> dict[str, Any]:
+    connect, read = network_timeouts()
+    if scheme(uri) in ("http", "https"):
+        return {"timeout": (connect, read)}  # requests: (connect, between two bytes of the response)
     if scheme(uri) != "s3":
         return {}
     import boto3
     from botocore.config import Config
 
     # Fail fast on an unreachable endpoint instead of retrying for minutes.
-    config = Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
+    config = Config(connect_timeout=connect, read_timeout=read, retries={"max_attempts": 3, "mode": "standard"})
     return {"client": boto3.client("s3", endpoint_url=s3_endpoint(), config=config)}
 
 
+NETWORK_TIMEOUT_ENV = "BERTRAM_NETWORK_TIMEOUT"
+_CONNECT_TIMEOUT_S, _READ_TIMEOUT_S = 10.0, 60.0
+
+
+def network_timeouts() -> tuple[float, float]:
+    """(connect, read) timeouts in seconds of every network read and write (http(s), S3).
+
+    `BERTRAM_NETWORK_TIMEOUT` seconds is how long a server may send nothing (the connect timeout is at
+    most 10 s of it); default 10 s / 60 s. Workers read it from their environment, as the AWS settings.
+    """
+    raw = os.environ.get(NETWORK_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return _CONNECT_TIMEOUT_S, _READ_TIMEOUT_S
+    try:
+        read = float(raw)
+    except ValueError:
+        read = math.nan
+    if not (math.isfinite(read) and read > 0):
+        raise ConfigError(f"{NETWORK_TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}")
+    return min(_CONNECT_TIMEOUT_S, read), read
+
+
+def _timeout_in(exc: BaseException | None) -> BaseException | None:
+    """The timeout (socket, requests, urllib3, botocore, Arrow) that is `exc` or one of its causes, if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).lower()
+        if any("timeout" in k.__name__.lower() for k in type(exc).__mro__) or "timed out" in text \
+                or "timeout was reached" in text:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """Whether `exc` or one of its causes is a timeout: a server that did not answer in `network_timeouts()`."""
+    return _timeout_in(exc) is not None
+
+
+def timed_out(uri: str, exc: BaseException) -> StorageError:
+    """The one line for a network read of `uri` that timed out (`is_timeout`): how long it waited, and the fix."""
+    cause = _timeout_in(exc) or exc
+    connecting = any("connect" in k.__name__.lower() and "timeout" in k.__name__.lower()
+                     for k in type(cause).__mro__)
+    connect, read = network_timeouts()
+    waited = f"timed out after {connect:g} s connecting" if connecting else \
+        f"timed out after {read:g} s without data from the server"
+    endpoint = s3_endpoint() if scheme(uri) == "s3" else None
+    text = scrub(f"{type(cause).__name__}: {cause}".splitlines()[0][:200])
+    return StorageError(f"{redact(uri)}: {waited}{f' at {endpoint}' if endpoint else ''} ({text}); check the "
+                        f"server/network or raise {NETWORK_TIMEOUT_ENV} (seconds)")
+
+
 def _explain(uri: str, exc: BaseException) -> StorageError:
-    """Turn a low-level I/O exception into one line that names the cause and the fix."""
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    """Turn a low-level I/O exception into one line that names the cause and the fix (scrubbed: it may be
+    raised in a Ray task, whose errors Ray logs as they are)."""
+    if is_timeout(exc):
+        return timed_out(uri, exc)
+    text = scrub(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
     where = redact(uri)
     lowered = text.lower()
     if isinstance(exc, FileNotFoundError) or "nosuchkey" in lowered or "not found" in lowered or "404" in lowered:
         return StorageError(f"{where}: not found; check the path or URI")
     if "nosuchbucket" in lowered:
         return StorageError(f"{where}: the bucket does not exist; create it or fix the URI")
-    if any(s in lowered for s in ("connect", "endpoint", "timed out", "timeout", "resolve", "unreachable")):
+    if any(s in lowered for s in ("connect", "endpoint", "resolve", "unreachable")):
         endpoint = s3_endpoint() if scheme(uri) == "s3" else None
         hint = f" at {endpoint}" if endpoint else ""
         return StorageError(f"{where}: storage unreachable{hint} ({text}); check the network and "
@@ -237,7 +328,7 @@ def open_read(uri: str, compression: str = "infer", offset: int = 0) -> IO[bytes
             stream.seek(offset)
         return stream
     except Exception as exc:  # noqa: BLE001 - every backend raises its own types
-        raise _explain(uri, exc) from exc
+        raise _explain(uri, exc) from None
 
 
 def read_bytes(uri: str) -> bytes:
@@ -283,7 +374,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         with fs.open_output_stream(path) as f:  # object stores publish on close: also atomic
             f.write(data)
     except Exception as exc:  # noqa: BLE001
-        raise _explain(uri, exc) from exc
+        raise _explain(uri, exc) from None
 
 
 def write_dir(local_dir: str, uri: str) -> None:
@@ -329,7 +420,7 @@ def exists(uri: str) -> bool:
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except Exception as exc:  # noqa: BLE001
-        raise _explain(uri, exc) from exc
+        raise _explain(uri, exc) from None
 
 
 def delete(uri: str) -> None:
@@ -342,7 +433,7 @@ def delete(uri: str) -> None:
         elif info.type == pafs.FileType.File:
             fs.delete_file(path)
     except Exception as exc:  # noqa: BLE001
-        raise _explain(uri, exc) from exc
+        raise _explain(uri, exc) from None
 
 
 def make_dirs(uri: str) -> None:
@@ -396,7 +487,7 @@ def list_files(uri: str, hidden: bool = False) -> list[FileInfo]:
             raise FileNotFoundError(base_path)
         infos = fs.get_file_info(pafs.FileSelector(base_path, recursive=True))
     except Exception as exc:  # noqa: BLE001
-        raise _explain(uri, exc) from exc
+        raise _explain(uri, exc) from None
     files = []
     for item in infos:
         if item.type != pafs.FileType.File or (not hidden and item.base_name.startswith((".", "_"))):

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage
-from pipeline.corpus import SKIP_REASONS, LineStats, Split, decode_lines, read_split, tokenize
+from pipeline.corpus import SKIP_REASONS, LineStats, Split, decode_lines, read_split, split_of, split_rows, tokenize
 
 _STAT = " stat:"  # prefix of the line-statistics rows; see the module docstring
 VOCAB_SCHEMA = pa.schema([("word", pa.string()), ("count", pa.int64())])
@@ -52,9 +52,11 @@ def count_split(split: Split, lowercase: bool, max_line_bytes: int) -> pa.Table:
     return pa.concat_tables([partial.cast(VOCAB_SCHEMA), _stats_rows(stats, tokens)])
 
 
-def count_splits_batch(batch: pa.Table, lowercase: bool, max_line_bytes: int) -> pa.Table:
-    """Ray Data `map_batches` step: a batch of split rows → partial counts."""
-    return pa.concat_tables([count_split(Split(**row), lowercase, max_line_bytes) for row in batch.to_pylist()])
+def count_splits_batch(batch: pa.Table, uris_ref, lowercase: bool, max_line_bytes: int) -> pa.Table:
+    """Ray Data `map_batches` step: a batch of `split_rows` rows → partial counts."""
+    with storage.secrets_scrubbed():
+        return pa.concat_tables([count_split(split_of(row, uris_ref), lowercase, max_line_bytes)
+                                 for row in batch.to_pylist()])
 
 
 def split_stats(counts: pa.Table) -> tuple[pa.Table, LineStats, int]:
@@ -83,9 +85,10 @@ def count_vocab(splits: list[Split], lowercase: bool, max_line_bytes: int,
     import ray
 
     # --- Ray: one task per split; partial counts stream back as they finish.
-    ds = ray.data.from_items([s.__dict__ for s in splits], override_num_blocks=len(splits))
+    items, uris_ref = split_rows(splits)  # (no credential of a URI in Ray's logs)
+    ds = ray.data.from_items(items, override_num_blocks=len(splits))
     partial = ds.map_batches(count_splits_batch, batch_size=1, batch_format="pyarrow",
-                             fn_kwargs={"lowercase": lowercase, "max_line_bytes": max_line_bytes})
+                             fn_kwargs={"uris_ref": uris_ref, "lowercase": lowercase, "max_line_bytes": max_line_bytes})
     total, pending = VOCAB_SCHEMA.empty_table(), []
     # (`progress(items, total, unit, desc)` wraps the stream, one item per split: the job's progress bar)
     for block in progress(partial.iter_batches(batch_size=None, batch_format="pyarrow"), len(splits), "splits",
