@@ -279,7 +279,7 @@ PIPELINE: tuple[Output, ...] = (
            "`form/`, `context/`, `features/` (pieces: the shared context directions)", fuse.STAGE,
            lambda r: FuseConfig(form=r["form/"], context=r["context/"], mode=r.config.fuse_mode, output=r["fused-init/"],
                                 pieces=r.config.fuse_pieces and _is_gated(r), features=r.features,
-                                overwrite=r.config.overwrite)),
+                                seed=r.config.fused.seed, overwrite=r.config.overwrite)),
     Output("fused/", "the fused model: the BERTRAM model to use", "as `form/`", "jobs.train --stage fused", "as `form/`",
            "`fused-init/`, `features/` (gated/shallow) or `preprocessed/contexts/`, `targets/`, `heldout.txt`, "
            "`fusion_words.txt` (`--only_words`)", train.STAGE,

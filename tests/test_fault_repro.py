@@ -1,0 +1,79 @@
+"""Faults a user would hit (issue 24), each reproduced: a fused model that differs between two identical
+runs, printed snippets that run code a word or a path smuggles in, a words-file entry written in the
+`<BERTRAM:w>` token syntax, and two jobs started in the same second sharing one log file."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# ---------------------------------------------------------------------------------------
+# 1. jobs.fuse is a function of its inputs and settings: two identical runs, byte-identical models
+
+
+def _parts(tiny_bert, tmp_path) -> tuple[str, str]:
+    """A form and a context model of the tiny BERT, saved as jobs.train saves them (no training: the
+    fuse stage reads only the saved models)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.model import Bertram, NgramVocab
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    vocab = NgramVocab.build(["kumquat", "apple", "orange", "river", "stone", "tree"] * 4, min_count=4)
+    uris = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for mode in ("form", "context"):
+            uri = str(tmp_path / mode)
+            Bertram.create(mode, str(tiny_bert), vocab if mode == "form" else None).save_pretrained(uri, tokenizer)
+            uris.append(uri)
+    return uris[0], uris[1]
+
+
+def test_two_identical_fuse_runs_give_byte_identical_models_and_vectors(tiny_bert, tmp_path):
+    from jobs.fuse import FuseConfig, fuse
+    from pipeline import infer
+    from pipeline.model import Bertram
+
+    form, context = _parts(tiny_bert, tmp_path)
+    contexts = {"kumquat": ["the kumquat is a small orange fruit .", "a kumquat grows on a tree ."],
+                "stone": ["a stone in the river ."]}
+    for mode in ("gated", "shallow"):  # the modes whose gate is initialised afresh (without --pieces)
+        outputs = []
+        for run in range(2):
+            output = str(tmp_path / f"{mode}-{run}")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(1000 + run)  # whatever the process drew before: the result must not depend on it
+                fuse(FuseConfig(form=form, context=context, mode=mode, output=output))
+            outputs.append(output)
+        for name in ("config.json", "model.safetensors", "ngram_vocab.json"):
+            first, second = (open(os.path.join(o, name), "rb").read() for o in outputs)
+            assert first == second, f"{mode}: {name} differs between two identical runs"
+        vectors = []
+        for output in outputs:
+            model, tokenizer = infer.load(output)
+            with torch.no_grad():
+                vectors.append(infer.infer_vectors(model, tokenizer, contexts))
+        assert all(torch.equal(vectors[0][w], vectors[1][w]) for w in contexts), mode
+    # ... and the fusion draws from its own seed, not from (and without changing) the caller's random state
+    parts = Bertram.from_pretrained(form), Bertram.from_pretrained(context)
+    state = torch.get_rng_state()
+    Bertram.fuse(*parts, "gated")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_the_fuse_seed_seeds_the_gate_and_is_recorded_where_it_matters(tiny_bert, tmp_path):
+    from jobs.fuse import FuseConfig, fuse
+    from pipeline.model import Bertram
+
+    form, context = _parts(tiny_bert, tmp_path)
+    gates = {}
+    for seed in (1, 2):
+        m = fuse(FuseConfig(form=form, context=context, mode="gated", seed=seed, output=str(tmp_path / f"s{seed}")))
+        assert m["config"]["seed"] == seed
+        gates[seed] = Bertram.from_pretrained(str(tmp_path / f"s{seed}")).gate.weight
+    assert not torch.equal(gates[1], gates[2])  # the seed is the run's, not a constant
+    # add, and gated with --pieces, initialise nothing afresh: their result does not depend on the seed
+    m = fuse(FuseConfig(form=form, context=context, mode="add", seed=7, output=str(tmp_path / "add")))
+    assert "seed" not in m["config"]
