@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 
 from jobs.stage import Stage
-from pipeline.console import log
+from pipeline.console import literal, log
 from pipeline.augment import (WHOLE_WORDS, add_plain_words, add_word_vectors_to_model,
                               copy_sentence_transformer_modules, describe_unreached, reach,
                               sentence_transformer_layout, set_whole_word_rows, token_for, transformer_module)
@@ -150,13 +150,16 @@ def _augment(config: AugmentConfig, ready: dict) -> dict:
 
 
 def _usage(output: str, head: str, word: str, token: str, plain: bool, sentence_transformers: bool) -> str:
+    """One line of Python that loads the augmented model (the manifest's `usage`, the end line), the input
+    text in a comment; the word and the path are string literals (`console.literal`), never code."""
     where = storage.redact(output) if storage.is_local(output) else (
         storage.local_copy(output) or "<a local copy of " + storage.redact(output) + ">")
     text = f"a {word} is ..." if plain else f"... {word} / {token} ... (pipeline.augment.rewrite)"
     if sentence_transformers:
-        return f'SentenceTransformer("{where}").encode(["{text}"])'
+        return f"SentenceTransformer({literal(where)}).encode([{literal(text)}])"
     cls = "AutoModelForMaskedLM" if head == "masked_lm" else "AutoModel"
-    return f'AutoTokenizer.from_pretrained("{where}"), {cls}.from_pretrained("{where}"); input text: "{text}"'
+    return f"AutoTokenizer.from_pretrained({literal(where)}), {cls}.from_pretrained({literal(where)})  " \
+           f"# input text: {literal(text)}"
 
 
 STAGE = Stage(name="augment", config=AugmentConfig, outputs=OUTPUT_NAMES, inputs=_inputs, check=_load,

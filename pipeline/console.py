@@ -160,6 +160,14 @@ def say(text: str) -> None:
     print((_VERBATIM if _active is not None else "") + text, file=sys.stderr, flush=True)
 
 
+def literal(value: str) -> str:
+    """`value` as a Python string literal, for a snippet a user copies and runs: repr's escapes (quotes,
+    backslashes, line breaks, unprintable characters), so a word or a path is always one string and never code;
+    in double quotes when it holds no quote."""
+    text = repr(value)
+    return f'"{text[1:-1]}"' if text[0] == "'" and "'" not in value and '"' not in value else text
+
+
 def log_path(job: str, run_output: str | None = None) -> str:
     """Where the full log of this job goes (see the module docstring)."""
     from pipeline import storage

@@ -4,8 +4,13 @@ runs, printed snippets that run code a word or a path smuggles in, a words-file 
 
 from __future__ import annotations
 
+import ast
+import io
 import os
+import textwrap
+import tokenize
 
+import pytest
 import torch
 
 # ---------------------------------------------------------------------------------------
@@ -77,3 +82,78 @@ def test_the_fuse_seed_seeds_the_gate_and_is_recorded_where_it_matters(tiny_bert
     # add, and gated with --pieces, initialise nothing afresh: their result does not depend on the seed
     m = fuse(FuseConfig(form=form, context=context, mode="add", seed=7, output=str(tmp_path / "add")))
     assert "seed" not in m["config"]
+
+
+# ---------------------------------------------------------------------------------------
+# 2. The printed copy-paste snippets quote every user value: they parse into the expected calls only
+
+HOSTILE_WORDS = ['zq"]);__import__("os").system("id");print(["', "it's \\\"x\\\"\n\u202eevil"]
+HOSTILE_PATHS = ['/tmp/out"),__import__("os").system("id"),("', "/tmp/o'u\\t\n\"x"]
+
+
+def _calls(tree: ast.AST) -> list[str]:
+    """What every call in `tree` calls, sorted: `a.b` for a name's attribute, `().b` for a call result's."""
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func, parts = node.func, []
+            while isinstance(func, ast.Attribute):
+                parts.append(func.attr)
+                func = func.value
+            parts.append(func.id if isinstance(func, ast.Name) else "()")
+            names.append(".".join(reversed(parts)))
+    return sorted(names)
+
+
+def _strings(tree: ast.AST) -> set[str]:
+    return {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+
+
+@pytest.mark.parametrize("word", HOSTILE_WORDS)
+@pytest.mark.parametrize("path", HOSTILE_PATHS)
+def test_the_augment_usage_line_quotes_the_word_and_the_path(word, path):
+    from jobs.augment import _usage
+    from pipeline.augment import token_for
+
+    text = f"a {word} is ..."
+    st = _usage(path, "masked_lm", word, token_for(word), True, True)
+    tree = ast.parse(st)
+    assert len(tree.body) == 1 and _calls(tree) == ["().encode", "SentenceTransformer"]
+    assert _strings(tree) == {path, text}
+    for head, cls in (("masked_lm", "AutoModelForMaskedLM"), ("base", "AutoModel")):
+        for plain in (True, False):
+            usage = _usage(path, head, word, token_for(word), plain, False)
+            tree = ast.parse(usage)
+            assert len(tree.body) == 1 and _calls(tree) == sorted(["AutoTokenizer.from_pretrained",
+                                                                        f"{cls}.from_pretrained"])
+            assert _strings(tree) == {path}
+            comments = [t.string for t in tokenize.generate_tokens(io.StringIO(usage).readline)
+                        if t.type == tokenize.COMMENT]
+            shown = f"... {word} / {token_for(word)} ... (pipeline.augment.rewrite)" if not plain else text
+            assert len(comments) == 1 and comments[0].startswith("# input text: ")
+            assert ast.literal_eval(comments[0][len("# input text: "):]) == shown
+
+
+@pytest.mark.parametrize("word", HOSTILE_WORDS)
+@pytest.mark.parametrize("path", HOSTILE_PATHS + ['s3://bucket/run"),__import__("os").system("id"),("/augmented'])
+def test_the_run_summary_snippet_quotes_the_word_and_the_path(word, path, monkeypatch):
+    from jobs.run import load_snippet
+    from pipeline.augment import token_for
+
+    monkeypatch.delenv("BERTRAM_LOCAL_COPY", raising=False)
+    remote = path.startswith("s3://")
+    local = "augmented" if remote else path
+    copy = ["storage.copy_tree"] if remote else []
+    for plain in (True, False):
+        text = f"a {word} is ..." if plain else f"a {word} / {token_for(word)} is ..."
+        manifest = {"head": "masked_lm", "tokens": [token_for(word)], "example_word": word, "plain_words": int(plain)}
+        lines = load_snippet(path, manifest)
+        tree = ast.parse(textwrap.dedent("\n".join(lines[1:])))
+        assert [type(s).__name__ for s in tree.body] == ["ImportFrom"] + ["ImportFrom", "Expr"] * remote + ["Assign", "Assign"]
+        assert _calls(tree) == sorted(copy + ["AutoTokenizer.from_pretrained", "AutoModelForMaskedLM.from_pretrained",
+                                              "model", "tokenizer"])
+        assert _strings(tree) == {local, text, "pt"} | ({path} if remote else set())
+        st = load_snippet(path, {**manifest, "sentence_transformers": True})
+        tree = ast.parse(textwrap.dedent("\n".join(st[1:])))
+        assert _calls(tree) == sorted(copy + ["().encode", "SentenceTransformer"])
+        assert _strings(tree) == {local, text} | ({path} if remote else set())
