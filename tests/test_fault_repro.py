@@ -157,3 +157,57 @@ def test_the_run_summary_snippet_quotes_the_word_and_the_path(word, path, monkey
         tree = ast.parse(textwrap.dedent("\n".join(st[1:])))
         assert _calls(tree) == sorted(copy + ["().encode", "SentenceTransformer"])
         assert _strings(tree) == {local, text} | ({path} if remote else set())
+
+
+# ---------------------------------------------------------------------------------------
+# 3. A words-file entry in the token syntax `<BERTRAM:w>` is refused, in one line, before any work
+
+
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_a_words_file_entry_in_the_token_syntax_is_refused_with_its_line(tmp_path, lowercase):
+    from pipeline.config import ConfigError
+    from pipeline.words import read_words
+
+    words = tmp_path / "words.txt"
+    words.write_text("kumquat\n\n  <BERTRAM:kumquat>  \napple\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        read_words(str(words), "--words", lowercase=lowercase)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"--words {words}: line 3: ")
+    assert "'<BERTRAM:kumquat>'" in message and "kumquat" in message.split(";")[-1]
+    words.write_text("kumquat\na<bertram:x\n", encoding="utf-8")  # any case, anywhere in the word
+    with pytest.raises(ConfigError, match=r"line 2: "):
+        read_words(str(words), "--heldout")
+
+
+def test_augment_refuses_a_vector_named_in_the_token_syntax_before_any_work(tiny_bert, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from jobs.augment import AugmentConfig, augment
+    from pipeline import augment as api
+    from pipeline.config import ConfigError
+
+    text = tmp_path / "vectors.txt"
+    text.write_text("kumquat " + " ".join(["0.5"] * 32) + "\n<BERTRAM:kumquat> " + " ".join(["1.5"] * 32) + "\n")
+    out = tmp_path / "augmented"
+    with pytest.raises(ConfigError, match=r"^--vectors .*vectors.txt: line 2: '<BERTRAM:kumquat>'"):
+        augment(AugmentConfig(vectors=str(text), model=str(tiny_bert), output=str(out)))
+    assert not out.exists()
+    # the library refuses it too: its plain token would carry (or overwrite) the vector of <BERTRAM:kumquat>
+    tokenizer, lm = AutoTokenizer.from_pretrained(tiny_bert), AutoModel.from_pretrained(tiny_bert)
+    vectors = {"kumquat": torch.zeros(32), "<BERTRAM:kumquat>": torch.ones(32)}
+    for add in (api.add_word_vectors_to_model, api.add_plain_words):
+        with pytest.raises(ValueError, match="token syntax"):
+            add(vectors, tokenizer, lm)
+
+
+def test_infer_refuses_a_contexts_word_in_the_token_syntax_before_inferring(tiny_bert, tmp_path):
+    from jobs.infer import InferConfig, infer
+    from pipeline.config import ConfigError
+
+    form, _ = _parts(tiny_bert, tmp_path)
+    contexts = tmp_path / "contexts.tsv"  # no --words: the words are those of --contexts
+    contexts.write_text("kumquat\ta kumquat .\n<BERTRAM:apple>\tan apple .\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^--contexts .*contexts.tsv: '<BERTRAM:apple>' is the token syntax"):
+        infer(InferConfig(bertram=form, contexts=str(contexts), output=str(tmp_path / "vectors")))
+    assert not (tmp_path / "vectors" / "vectors.parquet").exists()
