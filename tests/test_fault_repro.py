@@ -7,11 +7,15 @@ from __future__ import annotations
 import ast
 import io
 import os
+import subprocess
+import sys
 import textwrap
 import tokenize
 
 import pytest
 import torch
+
+from tests.conftest import REPO
 
 # ---------------------------------------------------------------------------------------
 # 1. jobs.fuse is a function of its inputs and settings: two identical runs, byte-identical models
@@ -211,3 +215,35 @@ def test_infer_refuses_a_contexts_word_in_the_token_syntax_before_inferring(tiny
     with pytest.raises(ConfigError, match=r"^--contexts .*contexts.tsv: '<BERTRAM:apple>' is the token syntax"):
         infer(InferConfig(bertram=form, contexts=str(contexts), output=str(tmp_path / "vectors")))
     assert not (tmp_path / "vectors" / "vectors.parquet").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Two jobs started in the same second write two log files
+
+_SAME_SECOND = textwrap.dedent("""
+    import sys, time
+    real = time.gmtime
+    time.gmtime = lambda seconds=None: real(1_800_000_000)  # both jobs start in the same second
+    from pipeline import console
+    from pipeline.console import log
+    with console.session("probe") as path:
+        log(f"probe: job {sys.argv[1]}")
+        time.sleep(0.3)
+    print(path)
+""")
+
+
+def test_two_jobs_started_in_the_same_second_write_two_log_files(tmp_path):
+    env = {**os.environ, "BERTRAM_LOG_DIR": str(tmp_path / "logs")}
+    jobs = [subprocess.Popen([sys.executable, "-c", _SAME_SECOND, str(i)], cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in (1, 2)]
+    outputs = [job.communicate(timeout=60) for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), [err for _, err in outputs]
+    logs = sorted((tmp_path / "logs").glob("probe-*.log"))
+    assert len(logs) == 2, [p.name for p in logs]
+    assert {p.name for p in logs} == {"probe-20270115-080000.log", "probe-20270115-080000-2.log"}
+    said = {out.strip() for out, _ in outputs}
+    assert said == {str(p) for p in logs}  # each job names its own file
+    for i, (out, _) in enumerate(outputs, 1):
+        full = open(out.strip(), encoding="utf-8").read()
+        assert f"probe: job {i}" in full and f"probe: job {3 - i}" not in full
