@@ -83,7 +83,13 @@ def _set_rows(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, tokens
               rows: list[torch.Tensor]) -> None:
     """Give `tokens` (already in the tokenizer) the input-embedding rows `rows`, growing the matrix if needed."""
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # new rows are all overwritten below
+        from pipeline.model import seeded
+
+        # The new input rows are all overwritten below; an untied output embedding (an MLM head that does not
+        # share the input rows) keeps the rows transformers draws for it: from a fixed seed, so that the same
+        # vectors always give the same model.
+        with seeded(0):
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     weight = model.get_input_embeddings().weight  # (V, D)
     ids = tokenizer.convert_tokens_to_ids(tokens)
     with torch.no_grad():

@@ -88,6 +88,30 @@ def test_the_fuse_seed_seeds_the_gate_and_is_recorded_where_it_matters(tiny_bert
     assert "seed" not in m["config"]
 
 
+def test_augmenting_a_model_with_an_untied_head_twice_gives_the_same_model(tiny_bert, tmp_path):
+    """The rows transformers adds to an untied output embedding (an MLM head of its own) come from a fixed seed."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from pipeline import augment
+
+    config = BertConfig.from_pretrained(tiny_bert)
+    config.tie_word_embeddings = False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertForMaskedLM(config).save_pretrained(tmp_path / "untied")
+    states = []
+    for run in range(2):
+        tokenizer, lm = AutoTokenizer.from_pretrained(tiny_bert), BertForMaskedLM.from_pretrained(tmp_path / "untied")
+        assert lm.get_output_embeddings().weight is not lm.get_input_embeddings().weight
+        vectors = {"kumquat": torch.ones(32), "new york": torch.zeros(32)}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1000 + run)
+            augment.add_word_vectors_to_model(vectors, tokenizer, lm)
+            augment.add_plain_words(vectors, tokenizer, lm)
+        states.append(lm.state_dict())
+    assert [k for k in states[0] if not torch.equal(states[0][k], states[1][k])] == []
+
+
 # ---------------------------------------------------------------------------------------
 # 2. The printed copy-paste snippets quote every user value: they parse into the expected calls only
 
