@@ -27,6 +27,7 @@ from pipeline.augment import (WHOLE_WORDS, add_plain_words, add_word_vectors_to_
                               sentence_transformer_layout, set_whole_word_rows, token_for, transformer_module)
 from pipeline import families, manifest, storage
 from pipeline.config import ConfigError
+from pipeline.model import seeded
 from pipeline.targets import resolve_model
 from pipeline.words import read_vectors
 
@@ -79,7 +80,8 @@ def load_model(path: str, head: str):
     if head == "base":
         return AutoModel.from_pretrained(path), head
     try:
-        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+        with seeded(0):  # head weights the checkpoint lacks are drawn: from a fixed seed, the same each time
+            model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
     except ValueError as exc:
         raise ConfigError(f"--head masked_lm: {path} has no masked-LM class ({str(exc).splitlines()[0][:200]}); "
                           "use --head base") from None

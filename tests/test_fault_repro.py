@@ -112,6 +112,22 @@ def test_augmenting_a_model_with_an_untied_head_twice_gives_the_same_model(tiny_
     assert [k for k in states[0] if not torch.equal(states[0][k], states[1][k])] == []
 
 
+def test_augment_with_a_head_the_checkpoint_lacks_gives_the_same_model_twice(tiny_bert, tmp_path):
+    """--head masked_lm on a checkpoint without one: the head transformers draws comes from a fixed seed."""
+    from jobs.augment import AugmentConfig, augment
+
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_text("kumquat " + " ".join(["0.5"] * 32) + "\n", encoding="utf-8")
+    for run in range(2):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1000 + run)
+            m = augment(AugmentConfig(vectors=str(vectors), model=str(tiny_bert), output=str(tmp_path / f"a{run}"),
+                                      head="masked_lm"))
+        assert m["head"] == "masked_lm"
+    first, second = ((tmp_path / f"a{run}" / "model.safetensors").read_bytes() for run in range(2))
+    assert first == second
+
+
 # ---------------------------------------------------------------------------------------
 # 2. The printed copy-paste snippets quote every user value: they parse into the expected calls only
 
