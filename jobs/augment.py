@@ -21,12 +21,13 @@ import tempfile
 from dataclasses import dataclass
 
 from jobs.stage import Stage
-from pipeline.console import log
+from pipeline.console import literal, log
 from pipeline.augment import (WHOLE_WORDS, add_plain_words, add_word_vectors_to_model,
                               copy_sentence_transformer_modules, describe_unreached, reach,
                               sentence_transformer_layout, set_whole_word_rows, token_for, transformer_module)
 from pipeline import families, manifest, storage
 from pipeline.config import ConfigError
+from pipeline.model import seeded
 from pipeline.targets import resolve_model
 from pipeline.words import read_vectors
 
@@ -79,7 +80,8 @@ def load_model(path: str, head: str):
     if head == "base":
         return AutoModel.from_pretrained(path), head
     try:
-        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+        with seeded(0):  # head weights the checkpoint lacks are drawn: from a fixed seed, the same each time
+            model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
     except ValueError as exc:
         raise ConfigError(f"--head masked_lm: {path} has no masked-LM class ({str(exc).splitlines()[0][:200]}); "
                           "use --head base") from None
@@ -150,13 +152,16 @@ def _augment(config: AugmentConfig, ready: dict) -> dict:
 
 
 def _usage(output: str, head: str, word: str, token: str, plain: bool, sentence_transformers: bool) -> str:
+    """One line of Python that loads the augmented model (the manifest's `usage`, the end line), the input
+    text in a comment; the word and the path are string literals (`console.literal`), never code."""
     where = storage.redact(output) if storage.is_local(output) else (
         storage.local_copy(output) or "<a local copy of " + storage.redact(output) + ">")
     text = f"a {word} is ..." if plain else f"... {word} / {token} ... (pipeline.augment.rewrite)"
     if sentence_transformers:
-        return f'SentenceTransformer("{where}").encode(["{text}"])'
+        return f"SentenceTransformer({literal(where)}).encode([{literal(text)}])"
     cls = "AutoModelForMaskedLM" if head == "masked_lm" else "AutoModel"
-    return f'AutoTokenizer.from_pretrained("{where}"), {cls}.from_pretrained("{where}"); input text: "{text}"'
+    return f"AutoTokenizer.from_pretrained({literal(where)}), {cls}.from_pretrained({literal(where)})  " \
+           f"# input text: {literal(text)}"
 
 
 STAGE = Stage(name="augment", config=AugmentConfig, outputs=OUTPUT_NAMES, inputs=_inputs, check=_load,

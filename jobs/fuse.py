@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 from jobs.stage import Stage, upstream
 from pipeline import storage
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, to_dict
 from pipeline.features import shared_context_vectors
 from pipeline.infer import load_tokenizer
-from pipeline.model import FUSED_MODES, GATED_MODES, Bertram, saved_config
+from pipeline.model import FUSED_MODES, GATED_MODES, Bertram, fresh_gate, saved_config
 
 OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer")
 
@@ -45,6 +45,8 @@ class FuseConfig:
     """With --features: how many shared directions (their mean, then the top principal ones) are projected out."""
     direction_words: int = 2000
     """With --features: at most this many words (the first of each bucket) give those directions."""
+    seed: int = 42
+    """Seed of what is initialised afresh: the gate of shallow/gated without --pieces (jobs.run: the fused stage's seed)."""
     output: str
     """Output URI of the fused model."""
     overwrite: bool = False
@@ -65,6 +67,15 @@ def _inputs(config: FuseConfig) -> dict:
                     **({"features": (config.features, None)} if config.features else {}))
 
 
+def _settings(config: FuseConfig) -> dict:
+    """The settings the manifest records and a re-run compares: the seed only where it changes the model
+    (`fresh_gate`), so that it never makes a complete output of another mode one "made with other settings"."""
+    settings = to_dict(config)
+    if not fresh_gate(config.mode, config.pieces):
+        del settings["seed"]
+    return settings
+
+
 def _load(config: FuseConfig) -> tuple[Bertram, Bertram]:
     """The form and the context model, each checked to be one."""
     parts = []
@@ -80,12 +91,13 @@ def _fuse(config: FuseConfig, parts: tuple[Bertram, Bertram]) -> dict:
     vectors = shared_context_vectors(context, config.features, config.direction_words) \
         if config.pieces and config.features else None
     fused = Bertram.fuse(form, context, config.mode, pieces=config.pieces, context_vectors=vectors,
-                         shared=config.shared_directions)
+                         shared=config.shared_directions, seed=config.seed)
     fused.save_pretrained(config.output, load_tokenizer(config.context, context.config.base_model))
     return {"mode": config.mode, "pieces": config.pieces}
 
 
 STAGE = Stage(name="fuse", config=FuseConfig, outputs=OUTPUT_NAMES, inputs=_inputs, check=_load, work=_fuse,
+              settings=_settings,
               done=lambda c, m: f"{c.mode} model of {storage.redact(c.form)} + {storage.redact(c.context)} -> "
                                 f"{storage.redact(c.output)}",
               summary=lambda m: f"mode {m['mode']}{' + pieces' if m.get('pieces') else ''}")

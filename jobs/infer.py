@@ -31,7 +31,7 @@ from pipeline.infer import InferActor, read_contexts, usable_contexts
 from pipeline import manifest, storage
 from pipeline.config import ConfigError
 from pipeline.model import saved_config, uses_context, uses_form
-from pipeline.words import read_words
+from pipeline.words import in_token_syntax, read_words, token_syntax_error
 from pipeline.words import vector_lines
 
 OUTPUT_NAMES = ("vectors.parquet", "vectors.txt")
@@ -148,6 +148,8 @@ def gather(config: InferConfig, mode: str, words: list[str] | None) -> tuple[lis
     else:
         source = config.contexts
     found = read_contexts(source, words)
+    if words is None and (syntax := [w for w in found if in_token_syntax(w)]):  # (--words are checked as read)
+        raise token_syntax_error(f"--contexts {storage.redact(config.contexts)}", syntax[0])
     words = words if words is not None else list(found)
     if not words:
         raise storage.UserError(f"--contexts {storage.redact(config.contexts)} holds no words")

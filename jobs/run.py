@@ -41,9 +41,9 @@ from jobs.targets import TargetsConfig, TargetsOptions
 from jobs.train import TrainConfig, TrainOptions
 from jobs.tune import TuneConfig, TuneOptions
 from pipeline import lock, storage, vocab
-from pipeline.augment import describe_unreached
+from pipeline.augment import describe_unreached, token_for
 from pipeline.config import ConfigError
-from pipeline.console import log, say
+from pipeline.console import literal, log, say
 from pipeline.evaluate import hold_out, nearest_tokens, single_token_ids
 from pipeline.model import FUSED_MODES, GATED_MODES, reads_cached_features
 from pipeline.targets import resolve_model
@@ -279,7 +279,7 @@ PIPELINE: tuple[Output, ...] = (
            "`form/`, `context/`, `features/` (pieces: the shared context directions)", fuse.STAGE,
            lambda r: FuseConfig(form=r["form/"], context=r["context/"], mode=r.config.fuse_mode, output=r["fused-init/"],
                                 pieces=r.config.fuse_pieces and _is_gated(r), features=r.features,
-                                overwrite=r.config.overwrite)),
+                                seed=r.config.fused.seed, overwrite=r.config.overwrite)),
     Output("fused/", "the fused model: the BERTRAM model to use", "as `form/`", "jobs.train --stage fused", "as `form/`",
            "`fused-init/`, `features/` (gated/shallow) or `preprocessed/contexts/`, `targets/`, `heldout.txt`, "
            "`fusion_words.txt` (`--only_words`)", train.STAGE,
@@ -519,7 +519,8 @@ def _where(uri: str) -> str:
 
 def load_snippet(augmented: str, manifest: dict) -> list[str]:
     """Copy-paste Python that loads the augmented model from a real local path (for a remote output without
-    a local copy: the line that copies it first)."""
+    a local copy: the line that copies it first); the word and the paths are string literals
+    (`console.literal`), never code."""
     st = manifest.get("sentence_transformers")
     cls = "AutoModelForMaskedLM" if manifest.get("head") == "masked_lm" else "AutoModel"
     local = augmented if storage.is_local(augmented) else storage.local_copy(augmented)
@@ -528,16 +529,18 @@ def load_snippet(augmented: str, manifest: dict) -> list[str]:
              f"    from transformers import {cls}, AutoTokenizer"]
     if local is None:
         local = "augmented"
-        lines.append(f'    from pipeline import storage; storage.copy_tree("{storage.redact(augmented)}", "{local}")')
+        lines.append(f"    from pipeline import storage; storage.copy_tree({literal(storage.redact(augmented))}, "
+                     f"{literal(local)})")
     tokens = manifest.get("tokens") or []
     word = manifest.get("example_word") or (tokens[0][len("<BERTRAM:"):-1] if tokens else "...")  # plain text reaches it
-    text = f"a {word} is ..." if manifest.get("plain_words") else f"a {word} / <BERTRAM:{word}> is ..."
+    text = f"a {word} is ..." if manifest.get("plain_words") else f"a {word} / {token_for(word)} is ..."
     if st:
-        lines.append(f'    embeddings = SentenceTransformer("{local}").encode(["{text}"])')
+        lines.append(f"    embeddings = SentenceTransformer({literal(local)}).encode([{literal(text)}])")
         return lines
-    lines.append(f'    tokenizer, model = AutoTokenizer.from_pretrained("{local}"), {cls}.from_pretrained("{local}")')
+    lines.append(f"    tokenizer, model = AutoTokenizer.from_pretrained({literal(local)}), "
+                 f"{cls}.from_pretrained({literal(local)})")
     if tokens:
-        lines.append(f'    outputs = model(**tokenizer("{text}", return_tensors="pt"))')
+        lines.append(f'    outputs = model(**tokenizer({literal(text)}, return_tensors="pt"))')
     return lines
 
 

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from pipeline.words import TOKEN_PREFIX, in_token_syntax
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -52,13 +54,16 @@ ST_MODULE_CONFIG = "sentence_bert_config.json"  # the Transformer module's setti
 
 def token_for(word: str) -> str:
     """The language-model token that carries the inferred vector of `word`."""
-    return f"<BERTRAM:{word}>"
+    return f"{TOKEN_PREFIX}{word}>"
 
 
 def check_word(word: str) -> None:
-    """A ValueError unless `word` is a non-empty string (the one check of a word, for infer and augment)."""
+    """A ValueError unless `word` is a non-empty string outside the token syntax `<BERTRAM:w>` (the one check of
+    a word, for infer and augment): the plain token of `<BERTRAM:x>` would capture the text of the token of x."""
     if not isinstance(word, str) or not word.strip():
         raise ValueError(f"a word must be a non-empty string, got {word!r}")
+    if in_token_syntax(word):
+        raise ValueError(f"{word!r} is in the token syntax {TOKEN_PREFIX}w> that carries a word's vector, not a word")
 
 
 def _rows(vectors: Mapping[str, torch.Tensor | np.ndarray], model: PreTrainedModel) -> list[torch.Tensor]:
@@ -78,7 +83,13 @@ def _set_rows(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, tokens
               rows: list[torch.Tensor]) -> None:
     """Give `tokens` (already in the tokenizer) the input-embedding rows `rows`, growing the matrix if needed."""
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # new rows are all overwritten below
+        from pipeline.model import seeded
+
+        # The new input rows are all overwritten below; an untied output embedding (an MLM head that does not
+        # share the input rows) keeps the rows transformers draws for it: from a fixed seed, so that the same
+        # vectors always give the same model.
+        with seeded(0):
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     weight = model.get_input_embeddings().weight  # (V, D)
     ids = tokenizer.convert_tokens_to_ids(tokens)
     with torch.no_grad():

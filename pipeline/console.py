@@ -18,8 +18,9 @@ TTY, else a line every PROGRESS_EVERY_S seconds with the rate and the ETA (`prog
 
 The log file: `<output>/logs/<job>-<UTC time>.log` for a jobs.run with a local --output;
 otherwise `$BERTRAM_LOG_DIR` (default `.cache/logs/`) — and a jobs.run with a remote
---output uploads it to `<output>/logs/` when it ends. The run's last console line says where
-it is (not after a one-line user error).
+--output uploads it to `<output>/logs/` when it ends. A job started in the same second as
+another gets its own file: `-2`, `-3`, ... after the time. The run's last console line says
+where it is (not after a one-line user error).
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ class _Session:
 
     def __init__(self, log_path: str, verbose: bool):
         os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-        self.log_path, self.verbose = log_path, verbose
-        self.log = open(log_path, "a", encoding="utf-8", buffering=1)
+        self.verbose = verbose
+        self.log_path, self.log = _create_log(log_path)
         sys.stdout.flush()
         sys.stderr.flush()
         self._saved = (os.dup(1), os.dup(2))
@@ -154,14 +155,35 @@ class _Session:
         self.terminal.close()
 
 
+def _create_log(path: str) -> tuple[str, IO[str]]:
+    """A new log file at `path`, or at `<path stem>-2.log`, `-3`, ... when another job took that name (one started
+    in the same second): created exclusively, so no two jobs ever write to one file."""
+    stem, suffix = os.path.splitext(path)
+    candidate, n = path, 1
+    while True:
+        try:
+            return candidate, open(candidate, "x", encoding="utf-8", buffering=1)
+        except FileExistsError:
+            n += 1
+            candidate = f"{stem}-{n}{suffix}"
+
+
 def say(text: str) -> None:
     """A line exactly as given (no time stamp, never filtered): what a user copies, like a code snippet.
     In a session it travels the pipe like every other line, marked, so that the order stays."""
     print((_VERBATIM if _active is not None else "") + text, file=sys.stderr, flush=True)
 
 
+def literal(value: str) -> str:
+    """`value` as a Python string literal, for a snippet a user copies and runs: repr's escapes (quotes,
+    backslashes, line breaks, unprintable characters), so a word or a path is always one string and never code;
+    in double quotes when it holds no quote."""
+    text = repr(value)
+    return f'"{text[1:-1]}"' if text[0] == "'" and "'" not in value and '"' not in value else text
+
+
 def log_path(job: str, run_output: str | None = None) -> str:
-    """Where the full log of this job goes (see the module docstring)."""
+    """Where the full log of this job goes (see the module docstring; `_create_log` makes the name unique)."""
     from pipeline import storage
 
     name = f"{job}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
@@ -178,8 +200,8 @@ def session(job: str, run_output: str | None = None, verbose: bool = False) -> I
     from pipeline import storage
 
     verbose = verbose or os.environ.get("BERTRAM_VERBOSE", "") not in ("", "0", "false")
-    path = log_path(job, run_output)
-    _active = _Session(path, verbose)
+    _active = _Session(log_path(job, run_output), verbose)
+    path = _active.log_path  # (the name a job started in the same second took has -2, -3, ... added)
     remote = storage.join(run_output, "logs", os.path.basename(path)) \
         if run_output and not storage.is_local(run_output) else None
     failed_by_user = False

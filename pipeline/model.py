@@ -19,11 +19,13 @@ runs no code from the files and needs no network: the encoder is built from its 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -50,6 +52,21 @@ def autocast(device, enabled: bool = True):
     cosine 0.99997 to float32 (benchmarks/bf16.py)."""
     device = torch.device(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and bf16_available(device))
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Random draws on the CPU inside come from `seed`; the process's random state is as it was after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
+def fresh_gate(mode: str, pieces: bool) -> bool:
+    """Whether `Bertram.fuse` initialises a part afresh (randomly, from its seed): the gate of a gated/shallow
+    model without the pieces part (`PiecesGate` starts at zero; every other part comes from the form and
+    context models)."""
+    return mode in GATED_MODES and not pieces
 
 
 def uses_form(mode: str) -> bool:
@@ -359,12 +376,13 @@ class Bertram(nn.Module):
     @classmethod
     def fuse(cls, form_model: "Bertram", context_model: "Bertram", mode: str = "add",
              pieces: bool = False, context_vectors: torch.Tensor | None = None,
-             shared: int = SHARED_DIRECTIONS) -> "Bertram":
+             shared: int = SHARED_DIRECTIONS, seed: int = 0) -> "Bertram":
         """A fused model whose form part comes from `form_model` and context part from `context_model`
         (with `pieces`, a gated/shallow model whose third part is the word's pieces; its output lies around
         the mean of the LM's input rows at their median distance from it, and the directions that
         `context_vectors` (W, D), the context vectors of training words (`context_vectors`), share are
-        projected out of its context part: `shared_directions`)."""
+        projected out of its context part: `shared_directions`). What it initialises afresh (`fresh_gate`)
+        is drawn from `seed`, so the same parts and seed give the same model."""
         if form_model.config.mode != "form" or context_model.config.mode != "context":
             raise ValueError(f"fuse needs a form and a context model, got {form_model.config.mode!r} and "
                              f"{context_model.config.mode!r}")
@@ -379,7 +397,8 @@ class Bertram(nn.Module):
                                encoder_config=context_model.config.encoder_config,
                                context_features=context_model.config.context_features, pieces=pieces,
                                shared_directions=shared)
-        fused = cls(config, context_model.encoder)
+        with seeded(seed):
+            fused = cls(config, context_model.encoder)
         fused.load_state_dict({**context_model.state_dict(), **form_model.state_dict()}, strict=False)
         if pieces:
             rows = fused.encoder.get_input_embeddings().weight.detach()  # (V, D)

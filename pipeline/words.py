@@ -7,11 +7,13 @@
   `<count> <dim>` header (`read_vectors`); text is written with 9 significant digits, so float32
   values read back exactly (`vector_lines`).
 
-Errors a user can cause (an empty or non-UTF-8 words file, ragged vectors) are one line naming
-the flag and the fix.
+Errors a user can cause (an empty or non-UTF-8 words file, ragged vectors, an entry in the token
+syntax `<BERTRAM:w>`) are one line naming the flag and the fix.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -19,18 +21,41 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.storage import ConfigError
 
+TOKEN_PREFIX = "<BERTRAM:"  # the tokens that carry a word's vector: <BERTRAM:w> (pipeline.augment.token_for)
+
+
+def in_token_syntax(word: str) -> bool:
+    """Whether `word` holds the token syntax `<BERTRAM:` (in any case: an uncased tokenizer reads it so). No
+    corpus word does (the corpus tokeniser splits `<`, `:` and `>` off), and the plain token of such a word
+    would capture that text: the token of another word, or text rewritten for it (`augment.rewrite`)."""
+    return TOKEN_PREFIX.lower() in word.lower()
+
+
+def token_syntax_error(where: str, entry: str) -> ConfigError:
+    """The one line refusing an `entry` in the token syntax; `where` names the flag, the file and the line."""
+    inner = re.fullmatch(r"<BERTRAM:(.+)>", entry, flags=re.IGNORECASE)
+    fix = f"write the word itself ({inner.group(1)})" if inner else f"remove {TOKEN_PREFIX}...> from it"
+    return ConfigError(f"{where}: {entry!r} is the token syntax {TOKEN_PREFIX}w> that carries a word's vector, "
+                       f"not a word; {fix}")
+
+
 VECTORS_SCHEMA = pa.schema([("word", pa.string()), ("vector", pa.list_(pa.float32())), ("n_contexts", pa.int32())])
 
 
 def read_words(uri: str, flag: str = "--words", lowercase: bool = False) -> list[str]:
-    """The words of a words file, first occurrence first; one line when it is not UTF-8 or holds none."""
+    """The words of a words file, first occurrence first; one line when it is not UTF-8, holds none, or holds an
+    entry in the token syntax `<BERTRAM:w>` (`in_token_syntax`)."""
     try:
         text = storage.read_text(uri)
     except UnicodeDecodeError:
         raise ConfigError(f"{flag} {storage.redact(uri)}: not UTF-8 text; save it as UTF-8") from None
     except storage.StorageError as exc:
         raise ConfigError(f"{flag} {exc}") from None
-    words = [w.strip() for w in text.splitlines() if w.strip()]
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if in_token_syntax(line):
+            raise token_syntax_error(f"{flag} {storage.redact(uri)}: line {number}", line.strip())
+    words = [w.strip() for w in lines if w.strip()]
     words = list(dict.fromkeys(w.lower() for w in words) if lowercase else dict.fromkeys(words))
     if not words:
         raise ConfigError(f"{flag} {storage.redact(uri)} holds no words; put one word per line")
@@ -75,7 +100,7 @@ def vector_lines(words: list[str], vectors) -> tuple[list[str], int]:
 
 def read_vectors(uri: str, flag: str = "--vectors") -> tuple[list[str], np.ndarray]:
     """Words and their vectors (W, D) from a jobs.infer output, a parquet file or `<word> <v1> ... <vn>` text
-    (which may start with a word2vec `<count> <dim>` header line)."""
+    (which may start with a word2vec `<count> <dim>` header line); one line for a word in the token syntax."""
     where = f"{flag} {storage.redact(uri)}"
     if storage.exists(storage.join(uri, "vectors.parquet")):
         uri = storage.join(uri, "vectors.parquet")
@@ -87,14 +112,20 @@ def read_vectors(uri: str, flag: str = "--vectors") -> tuple[list[str], np.ndarr
             raise ConfigError(f"{where} has columns {table.column_names}; a vectors parquet needs 'word' and "
                             "'vector' (list of floats)")
         words, rows = table["word"].to_pylist(), table["vector"].to_pylist()
+        places = [f"row {i + 1}" for i in range(len(words))]
     else:
-        lines = [line.split() for line in storage.read_text(uri).splitlines() if line.strip()]
-        if lines and len(lines[0]) == 2 and all(x.isdigit() for x in lines[0]):
-            lines = lines[1:]  # the word2vec header
+        numbered = [(n, line.split()) for n, line in enumerate(storage.read_text(uri).splitlines(), 1) if line.strip()]
+        if numbered and len(numbered[0][1]) == 2 and all(x.isdigit() for x in numbered[0][1]):
+            numbered = numbered[1:]  # the word2vec header
+        lines = [line for _, line in numbered]
+        places = [f"line {n}" for n, _ in numbered]
         try:
             words, rows = [line[0] for line in lines], [[float(x) for x in line[1:]] for line in lines]
         except ValueError as exc:
             raise ConfigError(f"{where}: not `<word> <v1> ... <vn>` text ({exc})") from None
+    for word, place in zip(words, places):
+        if isinstance(word, str) and in_token_syntax(word):
+            raise token_syntax_error(f"{where}: {place}", word)
     if not words:
         raise ConfigError(f"{where} holds no vectors")
     dims = {len(r) for r in rows}
