@@ -103,6 +103,24 @@ def test_train_never_deletes_a_checkpoint_directory_that_is_not_its_own(ray_loca
     assert (theirs / "notes.txt").read_text() == "a user's file"
 
 
+def test_resuming_is_said_only_when_there_is_a_checkpoint_to_resume_from(tiny_bert, tmp_path, capsys):
+    from jobs.train import _prepare_output
+    from tests.test_train import _config
+
+    out = tmp_path / "form"
+    run_dir = out / "checkpoints" / "bertram-form"
+    run_dir.mkdir(parents=True)
+    (run_dir / ".validate_storage_marker").write_text("")  # what Ray Train writes before the first checkpoint
+    (out / "train_config.json").write_text(json.dumps({"config": {"lr": 1}, "inputs": {}}))
+    config = _config("form", "pre", "tgt", tiny_bert, str(out))
+    _prepare_output(config, "bertram-form", str(out / "checkpoints"), {"lr": 1}, {})
+    assert "resuming" not in capsys.readouterr().err and not run_dir.exists()  # a fresh start, said as one
+    (run_dir / "checkpoint_1").mkdir(parents=True)
+    (run_dir / "checkpoint_1" / "progress.json").write_text("{}")
+    _prepare_output(config, "bertram-form", str(out / "checkpoints"), {"lr": 1}, {})
+    assert "resuming run 'bertram-form'" in capsys.readouterr().err
+
+
 # --- SIGTERM: one line, exit 143, nothing complete lost, the lock released --------------------------
 
 def test_sigterm_stops_a_job_with_one_line_and_exit_143_and_releases_its_output(tmp_path):
