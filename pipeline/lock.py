@@ -46,7 +46,8 @@ class OutputInUse(storage.UserError):
 
 
 def lock_uri(output: str) -> str:
-    return storage.join(output, LOCK)
+    """Where the lock of `output` is (a local path made absolute: `out` and `./out` are one output)."""
+    return storage.join(storage.absolute(output), LOCK)
 
 
 def _process_start(pid: int) -> str | None:

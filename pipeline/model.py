@@ -527,9 +527,10 @@ class PiecesGate(nn.Module):
         return units, torch.softmax(logits.masked_fill(missing, float("-inf")), dim=-1)
 
 
-def weights_problem(uri: str) -> str | None:
-    """What is wrong with the safetensors file at `uri` (truncated, not safetensors), from its header and
-    size only (a few KB read, not the weights), or None when it looks whole."""
+def weights_problem(uri: str, config: dict | None = None) -> str | None:
+    """What is wrong with the safetensors file at `uri` (truncated, not safetensors, or, given the model's
+    `config`, tensors that are not the ones that config builds), from its header and size only (a few KB
+    read, not the weights), or None when it looks whole."""
     import json
 
     try:
@@ -544,6 +545,30 @@ def weights_problem(uri: str) -> str | None:
         return "not a safetensors file"
     if size < 8 + n + end:
         return f"truncated: {size} of {8 + n + end} bytes"
+    return None if config is None else _shapes_problem(config, header)
+
+
+def _shapes_problem(config: dict, header: dict) -> str | None:
+    """Whether the tensors a safetensors `header` lists are the ones `config` builds (names and shapes), checked
+    on the meta device: nothing is allocated or initialised."""
+    built = BertramConfig(**config)
+    with torch.device("meta"):
+        encoder = None
+        if uses_context(built.mode):
+            from transformers import AutoConfig, AutoModel
+
+            encoder_config = dict(built.encoder_config)
+            encoder = AutoModel.from_config(AutoConfig.for_model(encoder_config.pop("model_type"), **encoder_config))
+        expected = {k: list(v.shape) for k, v in Bertram(built, encoder).state_dict().items()}
+    found = {k: list(v.get("shape", [])) for k, v in header.items() if k != "__metadata__"}
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing or unexpected:
+        return (f"not the weights of the model config.json describes ({len(missing)} tensors missing, e.g. "
+                f"{(missing or ['-'])[0]}; {len(unexpected)} unexpected, e.g. {(unexpected or ['-'])[0]})")
+    wrong = next((k for k in sorted(expected) if expected[k] != found[k]), None)
+    if wrong:
+        return f"not the weights of the model config.json describes ({wrong}: {found[wrong]}, config.json gives " \
+               f"{expected[wrong]})"
     return None
 
 
@@ -555,7 +580,11 @@ def saved_config(uri: str, flag: str = "--bertram", fix: str = "run jobs.train (
     where = f"{flag}{'' if flag.endswith('=') else ' '}{storage.redact(uri)}"  # (--compare name=URI)
     if not storage.exists(storage.join(uri, CONFIG_NAME)):
         raise storage.ConfigError(f"{where} holds no BERTRAM model ({CONFIG_NAME} missing); {fix}")
-    config = storage.read_json(storage.join(uri, CONFIG_NAME))
+    try:
+        config = storage.read_json(storage.join(uri, CONFIG_NAME))
+    except ValueError as exc:  # a file cut short, or not JSON
+        raise storage.ConfigError(f"{where}: {CONFIG_NAME} is not JSON ({str(exc).splitlines()[0][:120]}); give a "
+                                  "jobs.train or jobs.fuse output, or run the stage that wrote it again") from None
     if not isinstance(config, dict) or "mode" not in config:
         raise storage.ConfigError(f"{where}: {CONFIG_NAME} is not a BERTRAM config (no mode); give a jobs.train or "
                                 "jobs.fuse output")
@@ -570,7 +599,7 @@ def saved_config(uri: str, flag: str = "--bertram", fix: str = "run jobs.train (
     if missing:
         raise storage.ConfigError(f"{where} is an incomplete model ({', '.join(missing)} missing); run jobs.train "
                                 "(and jobs.fuse) again")
-    problem = weights_problem(storage.join(uri, WEIGHTS_NAME))
+    problem = weights_problem(storage.join(uri, WEIGHTS_NAME), config)
     if problem:  # found now, not by the workers after a corpus pass
         raise storage.ConfigError(f"{where}: {WEIGHTS_NAME} is {problem}; run jobs.train (and jobs.fuse) again")
     return config

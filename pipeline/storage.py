@@ -333,7 +333,10 @@ def open_read(uri: str, compression: str = "infer", offset: int = 0) -> IO[bytes
 
 def read_bytes(uri: str) -> bytes:
     with open_read(uri, compression="disable") as f:
-        return f.read()
+        try:
+            return f.read()
+        except Exception as exc:  # noqa: BLE001 - a server that stalls or drops mid-body: one line, not a traceback
+            raise _explain(uri, exc) from None
 
 
 def read_text(uri: str) -> str:
@@ -542,7 +545,7 @@ def os_error_in(exc: BaseException, output: str | None = None, written: int | No
     if number in (errno.ENOSPC, errno.EDQUOT) and output is not None and is_local(output):
         import shutil
 
-        probe = local_path(output)
+        probe = filename or local_path(output)  # the device that is full: the file's (Ray's /tmp, say) or the output's
         while probe and not os.path.exists(probe):
             probe = os.path.dirname(probe)
         free = shutil.disk_usage(probe or ".").free

@@ -185,3 +185,17 @@ def test_the_network_timeout_is_checked_and_named(monkeypatch, tmp_path):
     line = _one_error_line(_job_within(60, "preprocess", "--corpus", tmp_path / "c", "--output", tmp_path / "o",
                                        env={"BERTRAM_LOG_DIR": str(tmp_path / "logs")}))
     assert line == "error: BERTRAM_NETWORK_TIMEOUT must be a number of seconds > 0, got 'soon'"
+
+
+def test_a_file_the_driver_reads_from_a_server_that_stalls_mid_body_is_one_line(monkeypatch):
+    from pipeline import storage
+
+    server = _StallingServer(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n" + _LINES)
+    monkeypatch.setenv("BERTRAM_NETWORK_TIMEOUT", "1")
+    try:
+        started = time.time()
+        with pytest.raises(storage.StorageError, match="timed out after 1 s without data from the server"):
+            storage.read_bytes(f"http://127.0.0.1:{server.port}/words.txt?token={TOKEN}")  # a --words file
+    finally:
+        server.close()
+    assert time.time() - started < 10

@@ -45,6 +45,9 @@ def test_a_second_run_on_an_output_in_use_is_one_line_naming_the_holder_and_touc
         assert (out / "manifest.json").read_text() == '{"stage": "preprocess"}'
         assert json.loads((out / lock.LOCK).read_text())["pid"] == os.getpid()  # still the first run's
     assert not (out / lock.LOCK).exists()  # released at the end of the block
+    with lock.hold(str(out), "jobs.run"):
+        assert lock.acquire(f"{tmp_path}/./out/", "preprocess") is None  # the same output, held by this process
+        lock.release(None, f"{tmp_path}/./out/")
 
 
 def test_a_lock_whose_holder_is_gone_is_taken_over_and_a_live_ones_is_not(tmp_path):
@@ -238,6 +241,9 @@ def context_model(tmp_path_factory, tiny_bert) -> Path:
     (lambda c: c["encoder_config"].update(model_type="no-such-encoder"), "encoder_config transformers cannot build"),
     (lambda c: c.update(mode="telepathy"), "mode must be one of"),
     (lambda c: c.pop("base_model"), "is not valid"),
+    (lambda c: c["encoder_config"].update(hidden_size=64, num_attention_heads=4),
+     "model.safetensors is not the weights of the model config.json describes"),
+    (lambda c: c.clear(), "not JSON"),
 ])
 def test_a_damaged_bertram_model_is_one_line_before_any_work(context_model, tmp_path, damage, said):
     from pipeline.model import saved_config
@@ -246,7 +252,7 @@ def test_a_damaged_bertram_model_is_one_line_before_any_work(context_model, tmp_
     shutil.copytree(context_model, model)
     config = json.loads((model / "config.json").read_text())
     damage(config)
-    (model / "config.json").write_text(json.dumps(config))
+    (model / "config.json").write_text(json.dumps(config) if config else '{"mode": "con')
     with pytest.raises(ConfigError, match=said.replace("(", r"\(").replace(")", r"\)")):
         saved_config(str(model))
 
