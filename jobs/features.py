@@ -24,12 +24,15 @@ from jobs.common import connect_ray
 from pipeline.console import log, progress
 from jobs.stage import Stage, upstream
 from pipeline import families, features, manifest, storage, targets
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, to_dict
 from pipeline.model import CONTEXT_FEATURES
 from pipeline.train import trainable_words
 from pipeline.words import read_word_set
 
 OUTPUT_NAMES = ("bucket-*.parquet",)
+# How the encoder is run does not change the features (float noise aside): a complete output made with other
+# values of these is reused.
+OPERATIONAL = ("batch_contexts", "tokens_per_pass", "tokenize_apart", "num_actors", "use_gpu")
 
 
 @dataclass(kw_only=True)
@@ -44,8 +47,12 @@ class FeaturesOptions:
     """Tokens per context, [CLS] and [SEP] included; longer contexts are cut around the word."""
     min_count: int | None = None
     """Words with at least this count get features; default: the targets' min_count."""
-    batch_contexts: int = 64
-    """Contexts per encoder pass (sorted by length across words); e.g. 512 on a GPU."""
+    batch_contexts: int | None = None
+    """Most contexts per encoder pass (sorted by length across words); default 64 on CPU (the fastest there), 4096 with --use_gpu."""
+    tokens_per_pass: int | None = None
+    """Padded tokens per encoder pass: as many length-sorted contexts as fit (at most batch_contexts); default: no limit on CPU, 262144 with --use_gpu (~3,300 80-token contexts)."""
+    tokenize_apart: bool | None = None
+    """Tokenize on CPU workers (a Ray Data map step) and hand the actors token ids; default: with --use_gpu (then the GPU never waits on the tokenizer), else inside the actors (on CPU they share the same cores)."""
     num_actors: int | None = None
     """Encoder actors (each loads the model once); default: one per CPU, or per GPU with --use_gpu."""
     use_gpu: bool = False
@@ -56,8 +63,8 @@ class FeaturesOptions:
     """Seed of the context sample."""
 
     def __post_init__(self) -> None:
-        for name in ("contexts_per_word", "max_seq_length", "batch_contexts"):
-            if getattr(self, name) < 1:
+        for name in ("contexts_per_word", "max_seq_length", "batch_contexts", "tokens_per_pass"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.min_count is not None and self.min_count < 1:
             raise ConfigError(f"--min_count must be >= 1, got {self.min_count}")
@@ -149,23 +156,42 @@ def _encode_on_ray(config: FeaturesConfig, model_path: str, rows: list[dict], n_
     resources = ray.cluster_resources()
     if config.use_gpu and not resources.get("GPU"):
         raise ConfigError("--use_gpu: the Ray cluster has no GPU; add GPU workers or pass --use_gpu false")
-    actors = config.num_actors or max(1, int(resources.get("GPU" if config.use_gpu else "CPU", 1)))
-    blocks = min(len(rows), max(2 * actors, -(-n_contexts // (16 * config.batch_contexts))))
-    # --- Ray: (word, contexts) rows through an actor pool, each actor holding the frozen encoder.
+    cpus = int(resources.get("CPU", 1))
+    apart = config.use_gpu if config.tokenize_apart is None else config.tokenize_apart
+    batch_contexts, tokens_per_pass = pass_size(config)
+    # On CPU, tokenizing apart needs a CPU the actors do not hold.
+    actors = config.num_actors or max(1, int(resources["GPU"]) if config.use_gpu else cpus - (1 if apart else 0))
+    model = storage.absolute(model_path) if storage.is_local(model_path) and storage.exists(model_path) else model_path
+    if apart:  # many small blocks keep every CPU tokenizing; an actor's call holds a few passes' contexts
+        blocks = min(len(rows), max(4 * cpus, n_contexts // 1024))
+        per_word = max(1.0, n_contexts / len(rows))
+        words_per_call = min(-(-len(rows) // actors), max(1, int(4 * batch_contexts / per_word)))
+    else:
+        blocks = min(len(rows), max(2 * actors, -(-n_contexts // (16 * batch_contexts))))
+        words_per_call = -(-len(rows) // blocks)
+    # --- Ray: (word, contexts) rows [-> token ids on CPU workers] through an actor pool holding the encoder.
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    out = ds.map_batches(features.FeatureActor, batch_size=-(-len(rows) // blocks), batch_format="pyarrow",
+    if apart:
+        ds = ds.map_batches(features.tokenize_rows, batch_size=None, batch_format="pyarrow",
+                            fn_kwargs={"model": model, "max_seq_length": config.max_seq_length})
+    out = ds.map_batches(features.FeatureActor, batch_size=words_per_call, batch_format="pyarrow",
                          compute=ray.data.ActorPoolStrategy(size=min(actors, blocks)),
                          num_gpus=1 if config.use_gpu else 0,
-                         fn_constructor_kwargs={"model": storage.absolute(model_path) if storage.is_local(model_path)
-                                                and storage.exists(model_path) else model_path,
-                                                "context_features": config.context_features,
+                         fn_constructor_kwargs={"model": model, "context_features": config.context_features,
                                                 "max_seq_length": config.max_seq_length,
-                                                "batch_contexts": config.batch_contexts,
+                                                "batch_contexts": batch_contexts, "tokens_per_pass": tokens_per_pass,
                                                 "use_gpu": config.use_gpu, "bf16": config.bf16})
     done = out.iter_batches(batch_size=None, batch_format="pyarrow")
     return pa.concat_tables(list(progress(done, len(rows), "words", "features", count=lambda t: t.num_rows))), \
         min(actors, blocks)
     # ---
+
+
+def pass_size(config: FeaturesOptions) -> tuple[int, int | None]:
+    """(most contexts, padded tokens) per encoder pass: as set, or the defaults for the device."""
+    if config.use_gpu:
+        return config.batch_contexts or 4096, config.tokens_per_pass or 262_144
+    return config.batch_contexts or 64, config.tokens_per_pass
 
 
 def _done(config: FeaturesConfig, m: dict) -> str:
@@ -175,6 +201,7 @@ def _done(config: FeaturesConfig, m: dict) -> str:
 
 STAGE = Stage(name="features", config=FeaturesConfig, outputs=OUTPUT_NAMES, inputs=_inputs, check=_rows,
               work=_features, done=_done,
+              settings=lambda c: {k: v for k, v in to_dict(c).items() if k not in OPERATIONAL},
               summary=lambda m: f"{m['contexts']} contexts of {m['words']} words, {m['contexts_per_s']:.0f}/s")
 compute = STAGE.run
 

@@ -63,20 +63,30 @@ def _prefix(tokenizer, mode: str) -> list[int]:
     return prefix
 
 
-def encode(words: list[str], contexts: list[list[str]], tokenizer, mode: str, max_seq_length: int = 128,
-           ngram_vocab: NgramVocab | None = None, pieces: list[list[int]] | None = None) -> Batch:
-    """Tensors for `Bertram.forward`: n-grams of `words` and their `contexts` (one list per word); with
-    `pieces` (a pieces model's `targets.word_pieces` of the words) also `piece_ids`."""
-    tensors: dict[str, torch.Tensor] = {}
-    if pieces is not None:
-        tensors["piece_ids"] = pad_pieces(pieces)
-    if uses_form(mode):
-        if ngram_vocab is None:
-            raise ValueError(f"mode {mode!r} uses the word form: pass the model's ngram_vocab")
-        tensors["ngram_ids"] = ngram_vocab.encode(words)  # (B, G)
-    if not uses_context(mode):
-        return Batch(tensors, 0)
+@dataclass
+class Tokenized:
+    """The contexts of B words as token rows, before padding: what the CPU does for the encoder.
 
+    `rows[i]` is `[CLS] (prefix) context [SEP]` of context i, `positions[i]` its mask's index, `owner[i]` the
+    word (0..B-1) it belongs to; `skipped` counts the contexts without their word. A plain function makes it
+    (`tokenize_contexts`): the Ray Data actors, the training collate and a served request all call it.
+    """
+
+    rows: list[list[int]]
+    positions: list[int]
+    owner: list[int]
+    skipped: int
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r) for r in self.rows]
+
+
+def tokenize_contexts(words: list[str], contexts: list[list[str]], tokenizer, mode: str = "context",
+                      max_seq_length: int = 128) -> Tokenized:
+    """Mask each word in its contexts, tokenise them (one call of the fast tokenizer for all), and cut each to
+    `max_seq_length` around its mask; contexts without their word, or whose mask the tokenizer merged into a
+    neighbour, are skipped (counted)."""
     texts, owner = [], []
     skipped = 0
     for b, (word, ctxs) in enumerate(zip(words, contexts)):
@@ -102,13 +112,55 @@ def encode(words: list[str], contexts: list[list[str]], tokenizer, mode: str, ma
         rows.append([tokenizer.cls_token_id] + prefix + ids + [tokenizer.sep_token_id])
         positions.append(1 + len(prefix) + pos)
         kept_owner.append(b)
+    return Tokenized(rows, positions, kept_owner, skipped)
+
+
+def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) input ids padded with `pad_id` to the longest row, and the (N, T) attention mask."""
     width = max((len(r) for r in rows), default=0)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # (N, T)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (N, T)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, T)
     for i, r in enumerate(rows):
         input_ids[i, :len(r)] = torch.tensor(r)
         attention_mask[i, :len(r)] = 1
+    return input_ids, attention_mask
+
+
+def token_batches(lengths: list[int] | torch.Tensor, token_budget: int, max_rows: int | None = None) -> list[torch.Tensor]:
+    """Passes over rows of these `lengths`: each a tensor of row indices, the rows sorted by length (little
+    padding), as many per pass as fit in `token_budget` padded tokens (rows x the pass's longest row; at least
+    one row), and at most `max_rows`. Every row is in exactly one pass; `torch.cat(passes)` is a permutation
+    (scatter results back by it to restore the input order)."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    order = torch.argsort(lengths, stable=True)
+    passes, start, n = [], 0, len(order)
+    sorted_lengths = lengths[order].tolist()
+    while start < n:
+        end = start + 1
+        while end < n and (end + 1 - start) * sorted_lengths[end] <= token_budget and \
+                (max_rows is None or end - start < max_rows):
+            end += 1
+        passes.append(order[start:end])
+        start = end
+    return passes
+
+
+def encode(words: list[str], contexts: list[list[str]], tokenizer, mode: str, max_seq_length: int = 128,
+           ngram_vocab: NgramVocab | None = None, pieces: list[list[int]] | None = None) -> Batch:
+    """Tensors for `Bertram.forward`: n-grams of `words` and their `contexts` (one list per word); with
+    `pieces` (a pieces model's `targets.word_pieces` of the words) also `piece_ids`."""
+    tensors: dict[str, torch.Tensor] = {}
+    if pieces is not None:
+        tensors["piece_ids"] = pad_pieces(pieces)
+    if uses_form(mode):
+        if ngram_vocab is None:
+            raise ValueError(f"mode {mode!r} uses the word form: pass the model's ngram_vocab")
+        tensors["ngram_ids"] = ngram_vocab.encode(words)  # (B, G)
+    if not uses_context(mode):
+        return Batch(tensors, 0)
+    t = tokenize_contexts(words, contexts, tokenizer, mode, max_seq_length)
+    input_ids, attention_mask = pad(t.rows, tokenizer.pad_token_id)
     tensors.update(input_ids=input_ids, attention_mask=attention_mask,
-                   mask_positions=torch.tensor(positions, dtype=torch.long),
-                   context_word=torch.tensor(kept_owner, dtype=torch.long))
-    return Batch(tensors, skipped)
+                   mask_positions=torch.tensor(t.positions, dtype=torch.long),
+                   context_word=torch.tensor(t.owner, dtype=torch.long))
+    return Batch(tensors, t.skipped)

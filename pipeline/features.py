@@ -22,10 +22,11 @@ import hashlib
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from pipeline import manifest, storage
-from pipeline.batching import encode, usable_contexts
+from pipeline.batching import pad, token_batches, tokenize_contexts, usable_contexts
 from pipeline.model import autocast
 
 FEATURES_SCHEMA = pa.schema([("word", pa.string()), ("count", pa.int64()),
@@ -64,41 +65,78 @@ def feature_matrix(column: pa.ChunkedArray | pa.Array, row: int) -> np.ndarray:
     return vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(vectors), -1)  # (.values ignores slices)
 
 
+def tokenize_rows(batch: pa.Table, model: str, max_seq_length: int) -> pa.Table:
+    """Ray Data step on CPU workers (`jobs.features` with GPU actors): a block of (word, contexts) rows with
+    their contexts as token rows instead (`rows`, list<list<int32>>) and the mask's index in each (`positions`),
+    so that the GPU actors receive ready token ids (`batching.tokenize_contexts`: the same function)."""
+    tokenizer = _tokenizer(model)
+    words, contexts = batch["word"].to_pylist(), batch["contexts"].to_pylist()
+    t = tokenize_contexts(words, contexts, tokenizer, "context", max_seq_length)
+    owner = np.asarray(t.owner, dtype=np.int64)
+    bounds = np.searchsorted(owner, np.arange(len(words) + 1))  # owners are ascending: word b's rows are a range
+    rows = pa.array(t.rows, pa.list_(pa.int32()))
+    positions = pa.array(np.asarray(t.positions, np.int32))
+    return batch.drop_columns(["contexts"]).append_column(
+        "rows", pa.ListArray.from_arrays(pa.array(bounds, pa.int32()), rows)).append_column(
+        "positions", pa.ListArray.from_arrays(pa.array(bounds, pa.int32()), positions))
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _tokenizer(model: str):
+    if model not in _TOKENIZERS:  # once per worker process
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[model] = AutoTokenizer.from_pretrained(model)
+    return _TOKENIZERS[model]
+
+
 @torch.inference_mode()
 def compute_features(model, tokenizer, words: list[str], contexts: list[list[str]], max_seq_length: int,
-                     batch_contexts: int = 64) -> list[np.ndarray]:
+                     batch_contexts: int = 64, tokens_per_pass: int | None = None) -> list[np.ndarray]:
     """(n_w, H') features of each word's contexts through `model.encode_contexts`.
 
-    Contexts are independent here, so passes pack contexts of *all* words sorted by length
-    (little padding), then the features are regrouped by word. A context in which the
-    tokenizer loses the word is dropped (as in training and inference).
+    Contexts are independent here, so passes pack contexts of *all* words sorted by length (little
+    padding): at most `batch_contexts` per pass and, with `tokens_per_pass`, as many as fit in that many
+    padded tokens; then the features are regrouped by word. A context in which the tokenizer loses the word
+    is dropped (as in training and inference).
     """
+    t = tokenize_contexts(words, contexts, tokenizer, "context", max_seq_length)
+    return features_of_tokens(model, t.rows, t.positions, t.owner, len(words), tokenizer.pad_token_id,
+                              batch_contexts, tokens_per_pass)
+
+
+@torch.inference_mode()
+def features_of_tokens(model, rows: list[list[int]], positions: list[int], owner: list[int], n_words: int,
+                       pad_id: int, batch_contexts: int = 64, tokens_per_pass: int | None = None) -> list[np.ndarray]:
+    """(n_w, H') features of tokenised contexts (`batching.Tokenized`), context i belonging to word owner[i]:
+    passes sized by `token_batches`, each context encoded once, regrouped by word in input order."""
     device = next(model.parameters()).device
-    t = encode(words, contexts, tokenizer, "context", max_seq_length).tensors
-    n = len(t.get("input_ids", ()))
     dim = model.mimicking.linear.in_features
+    n = len(rows)
     if n == 0:
-        return [np.zeros((0, dim), np.float32) for _ in words]
-    lengths = t["attention_mask"].sum(1)  # (N,)
-    order = torch.argsort(lengths, stable=True)
+        return [np.zeros((0, dim), np.float32) for _ in range(n_words)]
+    lengths = [len(r) for r in rows]
+    budget = tokens_per_pass if tokens_per_pass is not None else batch_contexts * max(lengths)
     out = torch.empty((n, dim), dtype=torch.float32)
-    for i in range(0, n, batch_contexts):
-        rows = order[i:i + batch_contexts]
-        width = int(lengths[rows].max())
-        feats = model.encode_contexts(t["input_ids"][rows, :width].to(device),
-                                      t["attention_mask"][rows, :width].to(device),
-                                      t["mask_positions"][rows].to(device))
-        out[rows] = feats.float().cpu()
-    owner = t["context_word"]
-    return [out[owner == b].numpy() for b in range(len(words))]
+    positions_t = torch.as_tensor(positions, dtype=torch.long)
+    for chosen in token_batches(lengths, budget, max_rows=batch_contexts):
+        input_ids, attention_mask = pad([rows[i] for i in chosen.tolist()], pad_id)
+        feats = model.encode_contexts(input_ids.to(device), attention_mask.to(device), positions_t[chosen].to(device))
+        out[chosen] = feats.float().cpu()
+    owner_np = np.asarray(owner, dtype=np.int64)
+    order = np.argsort(owner_np, kind="stable")  # word by word, each word's contexts in input order
+    return np.split(out.numpy()[order], np.cumsum(np.bincount(owner_np, minlength=n_words))[:-1])
 
 
 class FeatureActor:
     """Ray Data actor: loads the frozen encoder once (as a context-mode BERTRAM model, so that the
-    features are computed by the very code inference runs); a block of words per call."""
+    features are computed by the very code inference runs); a block of words per call, given as contexts or
+    as token rows already (`tokenize_rows` on CPU workers, when the actor holds a GPU)."""
 
     def __init__(self, model: str, context_features: str, max_seq_length: int, batch_contexts: int,
-                 use_gpu: bool, bf16: bool = True):
+                 use_gpu: bool, bf16: bool = True, tokens_per_pass: int | None = None):
         import ray
         from transformers import AutoTokenizer
 
@@ -109,14 +147,21 @@ class FeatureActor:
         self.device = "cuda" if use_gpu else "cpu"
         self.model = Bertram.create("context", model, context_features=context_features).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.max_seq_length, self.batch_contexts = max_seq_length, batch_contexts
+        self.max_seq_length, self.batch_contexts, self.tokens_per_pass = max_seq_length, batch_contexts, tokens_per_pass
         self.autocast = autocast(self.device, bf16)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         words, counts = batch["word"].to_pylist(), batch["count"].to_pylist()
         with self.autocast:
-            feats = compute_features(self.model, self.tokenizer, words, batch["contexts"].to_pylist(),
-                                     self.max_seq_length, self.batch_contexts)
+            if "rows" in batch.column_names:  # tokenised on CPU workers
+                per_word = batch["rows"].to_pylist()
+                owner = [b for b, rows in enumerate(per_word) for _ in rows]
+                feats = features_of_tokens(self.model, [r for rows in per_word for r in rows],
+                                           pc.list_flatten(batch["positions"]).to_pylist(), owner, len(words),
+                                           self.tokenizer.pad_token_id, self.batch_contexts, self.tokens_per_pass)
+            else:
+                feats = compute_features(self.model, self.tokenizer, words, batch["contexts"].to_pylist(),
+                                         self.max_seq_length, self.batch_contexts, self.tokens_per_pass)
         table = features_table(words, counts, feats)
         return table.append_column("bucket", batch["bucket"])
 

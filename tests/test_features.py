@@ -74,6 +74,27 @@ def test_whole_word_tokens_of_wordpiece_and_byte_level_bpe(tiny_bert, tiny_rober
     assert all(tok.convert_ids_to_tokens(i) == "Ġ" + w for w, i in zip(words, ids))
 
 
+def test_the_features_job_tokenizing_on_cpu_workers_writes_the_same_features(ray_local, tiny_bert, tmp_path):
+    from jobs.features import FeaturesConfig, compute
+
+    pre, tgt = _write_inputs(str(tmp_path), str(tiny_bert), n_contexts=24)
+    found = {}
+    for name, kw in (("inside", {}), ("apart", dict(tokenize_apart=True, tokens_per_pass=96, num_actors=2))):
+        out = str(tmp_path / name)
+        m = compute(FeaturesConfig(preprocessed=pre, targets=tgt, model=str(tiny_bert), output=out,
+                                   contexts_per_word=10, max_seq_length=32, bf16=False, **kw))
+        found[name] = {}
+        for f in storage.list_files(out):
+            if f.uri.endswith(".parquet"):
+                table = storage.read_parquet(f.uri)
+                found[name].update({w: features.feature_matrix(table["features"], i)
+                                    for i, w in enumerate(table["word"].to_pylist())})
+        assert m["contexts"] == 10 * len(WORDS)
+    assert found["apart"].keys() == found["inside"].keys()
+    for word, expected in found["inside"].items():
+        np.testing.assert_allclose(found["apart"][word], expected, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_features_job_then_context_training_on_them(ray_local, tiny_bert, tmp_path):
     from jobs.features import FeaturesConfig, compute
