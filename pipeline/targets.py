@@ -295,8 +295,21 @@ class OtaActor:
         """Rows with `word` (split by the tokenizer) and optionally `pieces` (piece ids to use instead)."""
         words = batch["word"].to_pylist()
         pieces = batch["pieces"].to_pylist() if "pieces" in batch.column_names else piece_ids(self.tokenizer, words)
-        vectors, losses = approximate(self.lm, self.tokenizer, pieces, self.settings)
+        fit = words_that_fit(self.lm, self.settings) if self.device == "cuda" else len(words)
+        parts = [approximate(self.lm, self.tokenizer, pieces[i:i + fit], self.settings)
+                 for i in range(0, len(words), max(1, fit))]
+        vectors, losses = torch.cat([v for v, _ in parts]), torch.cat([loss for _, loss in parts])
         return vectors_table(words, vectors.cpu().numpy(), "ota", losses.cpu().numpy())
+
+
+def words_that_fit(lm, settings: OtaSettings, share: float = 0.8) -> int:
+    """How many words one OTA batch can hold in `share` of the GPU's free memory: ~200 bytes per hidden unit,
+    layer and token of a template (activations kept for the backward pass; bert-base: ~14 MB per word measured
+    at 1,024 words on an H200), ~12 tokens a template."""
+    free, _ = torch.cuda.mem_get_info()
+    config = lm.config
+    per_word = 200 * config.hidden_size * config.num_hidden_layers * 12 * settings.templates
+    return max(1, int(share * free / per_word))
 
 
 CHECK_SCHEMA = pa.schema([("word", pa.string()), ("pieces", pa.list_(pa.string())), ("vector", pa.list_(pa.float32())),

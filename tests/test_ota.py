@@ -105,3 +105,20 @@ def test_cosine_schedule_decays_to_zero(tiny_bert):
         moves[schedule] = [(b - a).norm().item() for a, b in zip(seen, seen[1:])]
     assert moves["cosine"][0] == pytest.approx(moves["constant"][0], rel=1e-3)  # the same first step
     assert moves["cosine"][-1] < 0.05 * moves["constant"][-1]
+
+
+def test_ota_batches_are_sized_to_the_device(monkeypatch, tiny_bert, tmp_path):
+    from transformers import AutoModel
+
+    from jobs.targets import TargetsConfig
+    from pipeline.ota import OtaSettings
+    from pipeline.targets import words_that_fit
+
+    base = dict(preprocessed="p", model="m", output=str(tmp_path))
+    assert TargetsConfig(**base).ota_batch_words == 64  # CPU: as before (the manifest records 64)
+    assert TargetsConfig(**base, use_gpu=True).ota_batch_words == 1024
+    assert TargetsConfig(**base, use_gpu=True, ota_batch_words=32).ota_batch_words == 32
+    lm = AutoModel.from_pretrained(tiny_bert)  # hidden 32, 2 layers: 153,600 bytes a word
+    monkeypatch.setattr("torch.cuda.mem_get_info", lambda: (153_600 * 100, 10**12))
+    assert words_that_fit(lm, OtaSettings()) == 80  # 80% of the free memory
+    assert words_that_fit(lm, OtaSettings(templates=4)) == 20
