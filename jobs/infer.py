@@ -43,8 +43,10 @@ PREPROCESS_BUCKETS = 8  # an inference word list is small next to a training voc
 class InferOptions:
     """Settings of the inference stage (the part of its config a pipeline preset holds)."""
 
-    batch_contexts: int = 64
-    """Contexts per forward pass (several words per pass); 64 is best on CPU (BENCHMARKS.md), on a GPU use e.g. 1024."""
+    batch_contexts: int | None = None
+    """Most contexts per forward pass (several words per pass); default 64 on CPU (the fastest there, BENCHMARKS.md), 4096 with --use_gpu."""
+    tokens_per_pass: int | None = None
+    """Padded tokens per forward pass (words sorted by their longest context, as many as fit, at most batch_contexts contexts); default: no limit on CPU, 262144 with --use_gpu."""
     max_contexts_per_chunk: int = 32
     """A word with more contexts is inferred in chunks of this many; its vector is their size-weighted mean."""
     max_seq_length: int = 128
@@ -67,9 +69,13 @@ class InferOptions:
     """Also write vectors.txt in the `<word> <v1> ... <vn>` text format."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_contexts", "max_contexts_per_chunk", "max_contexts_per_word", "context_window",
-                     "cpus_per_actor"):
-            if getattr(self, name) < 1:
+        if self.batch_contexts is None:  # resolved here: the manifest records the size the passes had
+            self.batch_contexts = 4096 if self.use_gpu else 64
+        if self.tokens_per_pass is None and self.use_gpu:
+            self.tokens_per_pass = 262_144
+        for name in ("batch_contexts", "tokens_per_pass", "max_contexts_per_chunk", "max_contexts_per_word",
+                     "context_window", "cpus_per_actor"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq_length < 8:
             raise ConfigError(f"--max_seq_length must be >= 8, got {self.max_seq_length}")
@@ -183,6 +189,7 @@ def infer_on_ray(config: InferConfig, words: list[str], contexts: dict[str, list
                              fn_constructor_kwargs={"bertram": storage.absolute(config.bertram),
                                                     "use_gpu": config.use_gpu, "bf16": config.bf16,
                                                     "batch_contexts": config.batch_contexts,
+                                                    "tokens_per_pass": config.tokens_per_pass,
                                                     "max_contexts_per_chunk": config.max_contexts_per_chunk,
                                                     "max_seq_length": config.max_seq_length})
     done = vectors.iter_batches(batch_size=None, batch_format="pyarrow")

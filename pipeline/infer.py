@@ -142,15 +142,17 @@ def infer_vector(model: Bertram, tokenizer: PreTrainedTokenizerBase, word: str, 
 @torch.inference_mode()
 def infer_vectors(model: Bertram, tokenizer: PreTrainedTokenizerBase, words_with_contexts: WordsWithContexts,
                   batch_contexts: int = 64, max_contexts_per_chunk: int = 32,
-                  max_seq_length: int = 128) -> dict[str, torch.Tensor]:
+                  max_seq_length: int = 128, tokens_per_pass: int | None = None) -> dict[str, torch.Tensor]:
     """Inferred vectors (D,) of many words, many words per forward pass; on the CPU, in input order.
 
     Words are packed into one forward pass until their contexts reach `batch_contexts` (64 is
     best on CPU, where larger passes are slower per token; on a GPU use e.g. 1024). A
     word with more than `max_contexts_per_chunk` usable contexts is split into chunks of
     that size, and its vector is the mean of the chunk vectors weighted by chunk size (this
-    bounds the (C, C) attentive-mimicking matrix and the batch). A word that occurs several
-    times is inferred once from the union of its contexts (duplicates dropped, order kept).
+    bounds the (C, C) attentive-mimicking matrix and the batch). With `tokens_per_pass`, a pass
+    also holds no more contexts than fit in that many padded tokens (chunks are sorted by their
+    longest context). A word that occurs several times is inferred once from the union of its
+    contexts (duplicates dropped, order kept).
     """
     if batch_contexts < 1 or max_contexts_per_chunk < 1:
         raise ValueError(f"batch_contexts and max_contexts_per_chunk must be >= 1, got {batch_contexts} and "
@@ -175,11 +177,12 @@ def infer_vectors(model: Bertram, tokenizer: PreTrainedTokenizerBase, words_with
     flat = [c for _, cs in chunks for c in cs]
     lengths = iter(tokenizer(flat, add_special_tokens=False, return_length=True)["length"] if flat else [])
     longest = [max((next(lengths) for _ in cs), default=0) for _, cs in chunks]
-    chunks = [chunks[i] for i in sorted(range(len(chunks)), key=longest.__getitem__)]
+    by_length = sorted(range(len(chunks)), key=longest.__getitem__)
+    chunks, longest = [chunks[i] for i in by_length], [min(longest[i] + 2, max_seq_length) for i in by_length]
 
     sums: dict[str, torch.Tensor] = {}  # word -> sum over its chunks of size * vector
     sizes: dict[str, int] = {}
-    for batch in _pack(chunks, batch_contexts):
+    for batch in _pack(chunks, batch_contexts, longest, tokens_per_pass):
         words = [w for w, _ in batch]
         vectors = _infer(model, tokenizer, words, [cs for _, cs in batch], max_seq_length)  # (B, D)
         for (word, cs), vector in zip(batch, vectors.float().cpu()):
@@ -239,13 +242,16 @@ def _merge(words_with_contexts: WordsWithContexts) -> dict[str, list[str]]:
     return {w: list(cs) for w, cs in merged.items()}
 
 
-def _pack(chunks: list[tuple[str, list[str]]], batch_contexts: int) -> Iterator[list[tuple[str, list[str]]]]:
-    """Consecutive chunks, grouped while their contexts fit in `batch_contexts` (a chunk without any counts 1)."""
+def _pack(chunks: list[tuple[str, list[str]]], batch_contexts: int, widths: list[int] | None = None,
+          tokens_per_pass: int | None = None) -> Iterator[list[tuple[str, list[str]]]]:
+    """Consecutive chunks, grouped while their contexts fit in `batch_contexts` (a chunk without any counts 1)
+    and, with `tokens_per_pass`, in that many padded tokens (`widths`: each chunk's longest context, ascending)."""
     batch: list[tuple[str, list[str]]] = []
     size = 0
-    for word, contexts in chunks:
+    for i, (word, contexts) in enumerate(chunks):
         n = max(len(contexts), 1)
-        if batch and size + n > batch_contexts:
+        over = tokens_per_pass is not None and widths is not None and (size + n) * widths[i] > tokens_per_pass
+        if batch and (size + n > batch_contexts or over):
             yield batch
             batch, size = [], 0
         batch.append((word, contexts))

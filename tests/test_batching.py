@@ -81,3 +81,27 @@ def test_features_by_token_budget_and_tokenized_apart_equal_the_per_count_passes
         assert a.shape == b.shape == c.shape
         np.testing.assert_allclose(b, a, atol=1e-5)
         np.testing.assert_allclose(c, a, atol=1e-5)
+
+
+def test_inference_by_token_budget_gives_the_same_vectors_in_fewer_padded_tokens(tiny_bert, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from pipeline import infer
+
+    torch.manual_seed(0)
+    model = Bertram.create("context", str(tiny_bert)).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    rng = random.Random(0)
+    words = {f"fruit{'s' * i}": [" ".join(["the"] * rng.randint(1, 20) + [f"fruit{'s' * i}"] + ["tree"] * rng.randint(0, 9))
+                                 for _ in range(rng.randint(1, 6))] for i in range(12)}
+    passes = []
+    real = infer._infer
+    monkeypatch.setattr(infer, "_infer", lambda m, t, w, c, n: passes.append(sum(map(len, c))) or real(m, t, w, c, n))
+    with torch.no_grad():
+        before = infer.infer_vectors(model, tok, words, batch_contexts=64)
+        count_before = list(passes)
+        passes.clear()
+        now = infer.infer_vectors(model, tok, words, batch_contexts=64, tokens_per_pass=64)
+    assert len(passes) > len(count_before) and sum(passes) == sum(count_before)  # every context once, smaller passes
+    for w in words:
+        torch.testing.assert_close(now[w], before[w], atol=1e-5, rtol=1e-4)
