@@ -12,7 +12,8 @@ the packaged MiniLM's WordPiece tokenizer. For each part it prints a table (and 
   padded tokens, and tokenization's own rate (what one CPU worker gives);
 * **OTA** (`pipeline.ota.approximate`): seconds per word at `--ota_steps` steps, by words per batch;
 * **training step**, add mode (the form vector enters the encoder): contexts/s and MFU with the encoder
-  frozen (gradients through it to the form slot) and fine-tuned.
+  frozen (gradients through it to the form slot) and fine-tuned, in one pass per batch and in length-sorted
+  groups of `--group_tokens` padded tokens (`jobs.train --tokens_per_pass`).
 
 MFU = model FLOPs / the device's peak: 2 x encoder parameters x real tokens + attention (4 x layers x
 tokens x length x hidden), x3 for a training step; the peak is measured here (a large bf16 matmul on a GPU,
@@ -35,7 +36,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from pipeline import features, ota  # noqa: E402
-from pipeline.batching import encode, pad, token_batches, tokenize_contexts  # noqa: E402
+from pipeline.batching import encode, token_batches, tokenize_contexts  # noqa: E402
 from pipeline.model import Bertram, NgramVocab, autocast  # noqa: E402
 from pipeline.targets import resolve_model  # noqa: E402
 
@@ -166,16 +167,18 @@ def ota_part(path: str, device: str, steps: int, batches: list[int]) -> list[lis
     return rows
 
 
-def train_part(path: str, device: str, words: int, per_word: int, tokens: int, peak: float, steps: int) -> list[list]:
+def train_part(path: str, device: str, words: int, per_word: int, tokens: int, peak: float, steps: int,
+               group_tokens: int) -> list[list]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     names, ctxs = synthetic_contexts(tokenizer, words, per_word, tokens, seed=2)
     vocab = NgramVocab.build(names * 4, min_count=1)
     rows = []
-    for finetune in (False, True):
+    for finetune, grouped in ((False, None), (False, group_tokens), (True, None), (True, group_tokens)):
         torch.manual_seed(0)
         model = Bertram.create("add", path, vocab).to(device).train()
+        model.tokens_per_pass = grouped
         enc = model.encoder
         enc.requires_grad_(finetune)
         params = sum(p.numel() for n, p in enc.named_parameters() if "embeddings" not in n)
@@ -197,8 +200,12 @@ def train_part(path: str, device: str, words: int, per_word: int, tokens: int, p
                 seconds.append(time.perf_counter() - t0)
         s = float(np.median(seconds))
         flops = 3 * encoder_flops(params, enc.config.num_hidden_layers, enc.config.hidden_size, lengths)
-        padded = batch["attention_mask"].numel()
-        rows.append(["fine-tuned" if finetune else "frozen (gradients to the form slot)", f"{len(lengths) / s:,.0f}",
+        if grouped:
+            padded = sum(len(g) * max(lengths[i] for i in g.tolist()) for g in token_batches(lengths, grouped))
+        else:
+            padded = batch["attention_mask"].numel()
+        rows.append(["fine-tuned" if finetune else "frozen (gradients to the form slot)",
+                     f"length groups of {grouped} tokens" if grouped else "one pass", f"{len(lengths) / s:,.0f}",
                      f"{100 * flops / s / peak:.1f}%", f"{100 * (padded - sum(lengths)) / padded:.0f}%"])
     return rows
 
@@ -218,6 +225,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--ota_batches", default="64,256,1024")
     parser.add_argument("--train_words", type=int, default=64)
     parser.add_argument("--train_steps", type=int, default=5)
+    parser.add_argument("--group_tokens", type=int, default=8192, help="train --tokens_per_pass to compare")
     parser.add_argument("--peak_tflops", type=float, default=None)
     parser.add_argument("--bf16", default=None, help="autocast the features pass (default: on a GPU)")
     parser.add_argument("--out", default=None)
@@ -240,8 +248,9 @@ def main(argv: list[str] | None = None) -> str:
                  table(["words per batch", "steps", "seconds per word"],
                        ota_part(path, device, args.ota_steps, [int(b) for b in args.ota_batches.split(",")])), "",
                  f"## Training step, add mode ({args.train_words} words x 16 contexts)",
-                 table(["encoder", "contexts/s", "MFU", "padding"],
-                       train_part(path, device, args.train_words, 16, args.tokens, peak, args.train_steps))]
+                 table(["encoder", "passes", "contexts/s", "MFU", "padding"],
+                       train_part(path, device, args.train_words, 16, args.tokens, peak, args.train_steps,
+                                  args.group_tokens))]
     text = "\n".join(parts) + "\n"
     print(text)
     out = args.out or str(pathlib.Path(__file__).parent / "results" / f"gpu-{args.size}-{device}.md")

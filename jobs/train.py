@@ -42,7 +42,7 @@ from pipeline.words import read_word_set
 OUTPUT_NAMES = ("config.json", "model.safetensors", "ngram_vocab.json", "tokenizer", "loss.png", "checkpoints",
                 "train_config.json", "vocab_words.parquet")
 OPERATIONAL = ("log_every", "fault_at_step", "max_failures", "keep_checkpoints", "num_cpus", "overwrite",
-               "checkpoint_interval_s", "cpus_per_worker")
+               "checkpoint_interval_s", "cpus_per_worker", "tokens_per_pass")
 STAGE_DEFAULTS = {  # epochs, lr, smin, smax, batch_size: the reference's settings per stage
     "form": dict(epochs=20, lr=0.01, smin=1, smax=1, batch_size=64),
     "context": dict(epochs=5, lr=5e-5, smin=4, smax=32, batch_size=256),
@@ -94,6 +94,8 @@ class TrainOptions:
     """Form: also train on every whole-word token of the LM's vocabulary (its input embedding is the target); excluded words never."""
     max_seq_length: int = 128
     """Tokens per context, [CLS] and [SEP] included; longer contexts are cut around the word."""
+    tokens_per_pass: int | None = None
+    """Modes that run the encoder: a batch's contexts go through it in length-sorted groups of at most this many padded tokens (the same result, ~1/4 fewer padded tokens: BENCHMARKS.md, "On the device"); default: one pass per batch."""
     num_workers: int = 1
     """Ray Train workers (data-parallel ranks); 0 runs the loop in the driver (local mode, for debugging)."""
     use_gpu: bool = False
@@ -116,7 +118,7 @@ class TrainOptions:
     """Seed of the instance draw, the shuffles and the initialisation."""
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "smin", "smax", "batch_size", "min_count"):
+        for name in ("epochs", "smin", "smax", "batch_size", "min_count", "tokens_per_pass"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {value}")
@@ -391,7 +393,8 @@ def _loop_settings(config: TrainConfig, plan: _Plan, total_steps: int) -> LoopSe
                         bf16=config.bf16, fault_at_step=config.fault_at_step,
                         context_features=manifest.read(config.features)["context_features"] if config.features
                         else "mask",
-                        loss=config.loss or default_loss(config.stage, plan.mode, plan.pieces))
+                        loss=config.loss or default_loss(config.stage, plan.mode, plan.pieces),
+                        tokens_per_pass=config.tokens_per_pass)
 
 
 def default_loss(stage: str, mode: str, pieces: bool) -> str:

@@ -249,6 +249,9 @@ class Bertram(nn.Module):
     def __init__(self, config: BertramConfig, encoder: nn.Module | None = None):
         super().__init__()
         self.config = config
+        # How the encoder is run, not what the model is: with a number, its contexts go through it in
+        # length-sorted groups of at most this many padded tokens (`_encode_by_length`); None: one pass.
+        self.tokens_per_pass: int | None = None
         if uses_form(config.mode):
             self.form = FormModel(config.ngram_vocab_size, config.output_size, config.ngram_dropout)
         if uses_context(config.mode):
@@ -361,11 +364,35 @@ class Bertram(nn.Module):
         elif form_slot(mode) is not None:  # ... or of the placeholder after [CLS]
             slot = torch.full_like(mask_positions, form_slot(mode))
             embeds = embeds.index_put((rows, slot), form[context_word].to(embeds.dtype))
+        if self.tokens_per_pass and input_ids.shape[0] > 1:
+            return self._encode_by_length(embeds, attention_mask, mask_positions)
+        return self._encode(embeds, attention_mask, mask_positions)
+
+    def _encode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, mask_positions: torch.Tensor) -> torch.Tensor:
         kind = self.config.context_features
         out = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask,
                            output_hidden_states=kind != "mask" and kind != "mask+pooled")
         hidden = out.hidden_states if out.hidden_states is not None else (out.last_hidden_state,)
         return context_features(hidden, attention_mask, mask_positions, kind)
+
+    def _encode_by_length(self, embeds: torch.Tensor, attention_mask: torch.Tensor,
+                          mask_positions: torch.Tensor) -> torch.Tensor:
+        """The encoder over length-sorted groups of the rows, each cut to its own longest row and holding at most
+        `tokens_per_pass` padded tokens: the same features (padding is masked out) from fewer padded tokens;
+        gradients flow as through one pass."""
+        from pipeline.batching import token_batches
+
+        lengths = attention_mask.sum(1)  # (N,)
+        groups = token_batches(lengths.cpu(), self.tokens_per_pass)
+        if len(groups) == 1:
+            return self._encode(embeds, attention_mask, mask_positions)
+        parts = []
+        for rows in groups:
+            rows = rows.to(embeds.device)
+            width = int(lengths[rows].max())
+            parts.append(self._encode(embeds[rows, :width], attention_mask[rows, :width], mask_positions[rows]))
+        order = torch.cat(groups).to(embeds.device)
+        return torch.cat(parts)[torch.argsort(order)]  # (N, H') back in the rows' order
 
     @staticmethod
     def _num_words(ngram_ids: torch.Tensor | None, context_word: torch.Tensor) -> int:

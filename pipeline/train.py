@@ -405,6 +405,7 @@ class LoopSettings:
     checkpoint_interval_s: float = 0.0  # periodic checkpoints (epoch ends, every checkpoint_every steps) at most this often
     context_features: str = "mask"  # how a fresh context model reads a context (model.CONTEXT_FEATURES)
     loss: str = "mse"  # mse (the paper) | cosine (1 - cosine to the target) | contrastive (against the LM's rows)
+    tokens_per_pass: int | None = None  # the encoder's contexts in length-sorted groups of this many padded tokens
 
 
 def build_model(s: LoopSettings) -> tuple[Bertram, object]:
@@ -418,6 +419,7 @@ def build_model(s: LoopSettings) -> tuple[Bertram, object]:
         vocab = NgramVocab.from_json(s.ngram_vocab) if s.ngram_vocab else None
         model = Bertram.create(s.mode, s.base_model, vocab, ngram_dropout=s.ngram_dropout,
                                context_features=s.context_features)
+    model.tokens_per_pass = s.tokens_per_pass
     return model, AutoTokenizer.from_pretrained(s.base_model)
 
 

@@ -105,3 +105,30 @@ def test_inference_by_token_budget_gives_the_same_vectors_in_fewer_padded_tokens
     assert len(passes) > len(count_before) and sum(passes) == sum(count_before)  # every context once, smaller passes
     for w in words:
         torch.testing.assert_close(now[w], before[w], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["add", "context"])
+def test_length_grouped_encoder_passes_give_the_same_outputs_and_gradients(tiny_bert, mode):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    rng = random.Random(1)
+    words = [f"fruit{'s' * i}" for i in range(6)]
+    contexts = [[" ".join(["the"] * rng.randint(1, 25) + [w] + ["tree"] * rng.randint(0, 5)) for _ in range(4)]
+                for w in words]
+    vocab = NgramVocab.build(words * 4, min_count=1)
+    results = []
+    for tokens_per_pass in (None, 60):
+        torch.manual_seed(0)
+        model = Bertram.create(mode, str(tiny_bert), vocab if mode == "add" else None, ngram_dropout=0.0)
+        model.tokens_per_pass = tokens_per_pass
+        t = encode(words, contexts, tok, mode, 32, vocab if mode == "add" else None).tensors
+        out = model(**t)
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.detach(), grads))
+    (one, g1), (grouped, g2) = results
+    torch.testing.assert_close(grouped, one, atol=1e-5, rtol=1e-4)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], atol=1e-4, rtol=1e-3)
