@@ -90,49 +90,6 @@ def describe(record: dict[str, Any]) -> str:
             f"started {record.get('started', '?')})")
 
 
-# --- the store's primitives: create if absent, read, replace (ours), delete (ours) ---
-
-def _create(uri: str, data: bytes) -> bool:
-    """Write `data` to `uri` only if nothing is there; False when something is."""
-    if storage.is_local(uri):
-        path = storage.local_path(uri)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        whole = f"{path}.new-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        with open(whole, "wb") as f:
-            f.write(data)
-        try:
-            os.link(whole, path)  # exclusive like O_EXCL, and the lock is never seen half written
-        except FileExistsError:
-            return False
-        except OSError:  # a filesystem without hard links: O_EXCL itself
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        finally:
-            os.unlink(whole)
-        return True
-    if storage.scheme(uri) == "s3":
-        from urllib.parse import urlsplit
-
-        parsed = urlsplit(uri)
-        client = storage._transport_params(uri)["client"]
-        try:
-            client.put_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"), Body=data, IfNoneMatch="*")
-        except Exception as exc:  # noqa: BLE001
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                return False
-            raise storage._explain(uri, exc) from exc
-        return True
-    if storage.exists(uri):
-        return False
-    storage.write_bytes(uri, data)
-    return True
-
-
 def _read(uri: str) -> dict[str, Any] | None:
     """The lock's record; None when there is none; {} when it cannot be parsed (a half-written lock)."""
     try:
@@ -190,7 +147,7 @@ def acquire(output: str, what: str) -> _Holding | None:
     token, started = uuid.uuid4().hex, time.time()
     for _ in range(5):
         record = _record(what, token, started)
-        if _create(uri, json.dumps(record).encode()):
+        if storage.write_if_absent(uri, json.dumps(record).encode()):
             if not storage.is_local(uri) and storage.scheme(uri) != "s3":
                 time.sleep(0.2)  # a store without conditional writes: the last writer wins; read back
             if (_read(uri) or {}).get("token") == token:

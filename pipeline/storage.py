@@ -380,6 +380,50 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise _explain(uri, exc) from None
 
 
+def write_if_absent(uri: str, data: bytes) -> bool:
+    """Write `data` to `uri` only if nothing is there, as one atomic step where the store has one; False when
+    something is. Local: the whole file is hard-linked into place (exclusive like O_EXCL, never seen half
+    written; O_EXCL itself where links are not supported). S3: a conditional put (`If-None-Match: *`). Other
+    stores: written when absent (not atomic: callers read back)."""
+    if is_local(uri):
+        import uuid
+
+        path = local_path(uri)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        whole = f"{path}.new-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        with open(whole, "wb") as f:
+            f.write(data)
+        try:
+            os.link(whole, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        finally:
+            os.unlink(whole)
+        return True
+    if scheme(uri) == "s3":
+        parsed = urlsplit(uri)
+        try:
+            _transport_params(uri)["client"].put_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"), Body=data,
+                                                        IfNoneMatch="*")
+        except Exception as exc:  # noqa: BLE001
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise _explain(uri, exc) from None
+        return True
+    if exists(uri):
+        return False
+    write_bytes(uri, data)
+    return True
+
+
 def write_dir(local_dir: str, uri: str) -> None:
     """Write every file under the local directory `local_dir` to the same relative path under `uri`."""
     for root, _, files in os.walk(local_dir):

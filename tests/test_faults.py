@@ -71,10 +71,13 @@ def test_a_lock_whose_holder_is_gone_is_taken_over_and_a_live_ones_is_not(tmp_pa
     assert not (tmp_path / lock.LOCK).exists()
 
 
-def test_the_lock_on_object_storage_is_a_conditional_put(s3_bucket):
+def test_the_lock_on_object_storage_is_a_conditional_put(s3_bucket, tmp_path):
+    local = str(tmp_path / "lock")
+    assert storage.write_if_absent(local, b"a") and not storage.write_if_absent(local, b"b")
+    assert (tmp_path / "lock").read_bytes() == b"a" and [p.name for p in tmp_path.iterdir()] == ["lock"]
     uri = lock.lock_uri(s3_bucket + "/out")
-    assert lock._create(uri, b'{"token": "a"}')
-    assert not lock._create(uri, b'{"token": "b"}')  # the store refused the second writer
+    assert storage.write_if_absent(uri, b'{"token": "a"}')
+    assert not storage.write_if_absent(uri, b'{"token": "b"}')  # the store refused the second writer
     assert json.loads(storage.read_bytes(uri)) == {"token": "a"}
     storage.delete(uri)
     with lock.hold(s3_bucket + "/out", "test"):
