@@ -113,9 +113,10 @@ class Stage(Generic[C]):
         output = config.output
         written = sum(f.size for f in storage.list_files(output, hidden=True) if not f.uri.endswith(lock.LOCK)) \
             if storage.exists(output) else 0
+        problem = storage.os_error_in(exc, output, written)  # (the free space before what it wrote is removed)
         if self.reset:
             manifest.clear(output, self.outputs, self.keep)
-        return storage.os_error_in(exc, output, written)
+        return problem
 
     def main(self, doc: str, job: str, argv: list[str] | None = None) -> None:
         """The job's command line: parse the flags into the config, run, one line per user error (exit 2)."""

@@ -583,7 +583,7 @@ def os_error_in(exc: BaseException, output: str | None = None, written: int | No
         return None
     number, filename = found
     what, fix = _OS_ERRORS[number]
-    where = f" writing {redact(filename)}" if filename else ""
+    where = f" at {redact(filename)}" if filename else ""  # (a write, or a read: EACCES on an input)
     if output is not None:
         where += f" (--output {redact(output)})"
     if number in (errno.ENOSPC, errno.EDQUOT) and output is not None and is_local(output):

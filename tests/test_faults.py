@@ -196,14 +196,14 @@ def test_a_full_disk_during_the_work_is_one_line_naming_the_output_and_frees_wha
     with pytest.raises(storage.StorageError) as failed:
         stage.run(stage.config(output=str(out)))
     line = str(failed.value)
-    assert line.startswith("no space left on the device writing ") and f"(--output {out})" in line
+    assert line.startswith("no space left on the device at ") and f"(--output {out})" in line
     assert "free there; it needs more than the 4.9 KB it had written" in line and "choose another --output" in line
     assert not out.exists()  # its fragments removed, the lock released, the directory it made removed
 
     def read_only(config, ready):
         raise RuntimeError("a Ray task failed: OSError: [Errno 30] Read-only file system: '/data/out/part-1'")
 
-    with pytest.raises(storage.StorageError, match="the filesystem is read-only writing /data/out/part-1"):
+    with pytest.raises(storage.StorageError, match="the filesystem is read-only at /data/out/part-1"):
         _stage(read_only).run(_stage(read_only).config(output=str(out)))
 
 
