@@ -11,7 +11,8 @@ import importlib
 import runpy
 import sys
 
-JOBS = ("run", "preprocess", "targets", "features", "train", "fuse", "tune", "infer", "augment", "evaluate")
+JOBS = ("run", "preprocess", "targets", "features", "train", "fuse", "tune", "infer", "augment", "evaluate",
+        "serve")
 
 
 def _summary(job: str) -> str:

@@ -260,29 +260,62 @@ def _pack(chunks: list[tuple[str, list[str]]], batch_contexts: int, widths: list
         yield batch
 
 
+class Inferrer:
+    """A loaded BERTRAM model and how to run it: the one inference function of `jobs.infer` (its Ray Data actors)
+    and `jobs.serve` (its Serve replicas), so that both give a word the same vector from the same contexts.
+
+    `items` are (word, contexts) pairs; a word may come twice with other contexts (two requests on a server):
+    each pair gets the vector of its own contexts (the pairs run in rounds of distinct words)."""
+
+    def __init__(self, bertram: str, device: str = "cpu", bf16: bool = True, threads: int | None = None,
+                 **settings: int | None):
+        from pipeline.model import autocast
+
+        if threads:  # actors side by side must not oversubscribe the cores
+            torch.set_num_threads(max(1, int(threads)))
+        self.model, self.tokenizer = load(bertram, device)
+        self.settings = settings  # batch_contexts, max_contexts_per_chunk, max_seq_length, tokens_per_pass
+        self.autocast = autocast(device, bf16)
+
+    def __call__(self, items: Sequence[tuple[str, Sequence[str]]]) -> torch.Tensor:
+        """The vectors (N, D), float32 on the CPU, of the N (word, contexts) pairs, in their order."""
+        out: list[torch.Tensor | None] = [None] * len(items)
+        for round_ in _rounds([word for word, _ in items]):
+            with self.autocast:
+                vectors = infer_vectors(self.model, self.tokenizer, [items[i] for i in round_], **self.settings)
+            for i in round_:
+                out[i] = vectors[items[i][0]]
+        dim = self.model.config.output_size
+        return torch.stack(out) if out else torch.zeros(0, dim)  # (N, D)
+
+
+def _rounds(words: Sequence[str]) -> list[list[int]]:
+    """Positions of `words` in rounds where no word is twice (its first occurrences first)."""
+    rounds: list[list[int]] = []
+    taken: list[set[str]] = []
+    for i, word in enumerate(words):
+        k = next((k for k, seen in enumerate(taken) if word not in seen), len(rounds))
+        if k == len(rounds):
+            rounds.append([])
+            taken.append(set())
+        rounds[k].append(i)
+        taken[k].add(word)
+    return rounds
+
+
 class InferActor:
-    """Ray Data actor (jobs.infer): loads the BERTRAM model and its tokenizer once, infers a batch of words
-    (a pyarrow table of word, contexts) per call into vectors.parquet's rows."""
+    """Ray Data actor (jobs.infer): loads the BERTRAM model and its tokenizer once (an `Inferrer`), infers a
+    batch of words (a pyarrow table of word, contexts) per call into vectors.parquet's rows."""
 
     def __init__(self, bertram: str, use_gpu: bool, bf16: bool = True, **settings: int):
         import ray
 
-        from pipeline.model import autocast
-
-        # As many intra-op threads as CPUs this actor holds: actors side by side must not oversubscribe.
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, int(cpus)))
-        self.model, self.tokenizer = load(bertram, "cuda" if use_gpu else "cpu")
-        self.settings = settings  # batch_contexts, max_contexts_per_chunk, max_seq_length
-        self.autocast = autocast("cuda" if use_gpu else "cpu", bf16)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)  # intra-op threads: its CPUs
+        self.inferrer = Inferrer(bertram, "cuda" if use_gpu else "cpu", bf16, threads=int(cpus), **settings)
 
     def __call__(self, batch):
-        import numpy as np
-
         from pipeline.words import vectors_table
 
         words, contexts = batch["word"].to_pylist(), batch["contexts"].to_pylist()
-        with self.autocast:
-            vectors = infer_vectors(self.model, self.tokenizer, zip(words, contexts), **self.settings)
-        return vectors_table(words, np.stack([vectors[w].numpy() for w in words]),  # (W, D)
-                             [len(cs) for cs in contexts])
+        vectors = self.inferrer(list(zip(words, contexts)))  # (W, D)
+        return vectors_table(words, vectors.numpy(), [len(cs) for cs in contexts])
