@@ -268,10 +268,18 @@ def _port_free(host: str, port: int) -> None:
                               "--host)") from None
 
 
-def _deployment_error(exc: Exception) -> ConfigError:
-    lines = [ln.strip() for ln in storage.scrub(str(exc)).splitlines() if ln.strip()]
-    cause = next((ln.partition("RuntimeError: ")[2] for ln in reversed(lines) if "RuntimeError: " in ln),
-                 lines[-1] if lines else type(exc).__name__)
+def _deployment_error(exc: Exception, name: str) -> ConfigError:
+    """One line for a failed deployment: the replica's own RuntimeError line (e.g. "cannot load --bertram ...")
+    from Serve's status, where serve.run's exception says only that the deployment failed."""
+    texts = [str(exc)]
+    try:
+        texts += [d.message for d in serve.status().applications[name].deployments.values()]
+    except Exception:  # noqa: BLE001 - the status is a better line when there is one, not a condition
+        pass
+    lines = [ln.strip() for text in texts for ln in storage.scrub(text).splitlines() if ln.strip()]
+    cause = next((ln.partition("RuntimeError: ")[2] for ln in reversed(lines) if "RuntimeError: " in ln
+                  and not ln.endswith("RuntimeError: Traceback (most recent call last):")),
+                 lines[0] if lines else type(exc).__name__)
     return ConfigError(f"the deployment failed: {cause}")
 
 
@@ -290,7 +298,7 @@ def serve_model(config: ServeConfig) -> None:
     try:
         serve.run(application(config), name=config.name, route_prefix=config.route_prefix, blocking=False)
     except RuntimeError as exc:
-        raise _deployment_error(exc) from None
+        raise _deployment_error(exc, config.name) from None
     where = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
     replicas = (f"{config.min_replicas}..{config.max_replicas} replicas" if config.max_replicas is not None
                 else f"{config.num_replicas} replica{'s' if config.num_replicas > 1 else ''}")

@@ -271,3 +271,25 @@ def test_runtime_env_uploads_the_code_without_the_venv():
         assert excluded(REPO / path), f"{path} would be uploaded"
     for path in ("jobs/run.py", "jobs/configs/bert-base.yaml", "pipeline/config.py", "pyproject.toml"):
         assert not excluded(REPO / path), f"{path} would be left out"
+
+
+# --- (4) the Serve config for `serve deploy` -----------------------------------------------------
+
+def test_serve_config_passes_serves_schema_and_builds_the_application(tmp_path, tiny_bert):
+    """cluster/serve.yaml: Serve's own schema accepts it, and its import_path's builder, given its args
+    with a real (tiny) model in place of the bucket, builds the application with those settings."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from tests.test_infer_job import _save_model
+
+    spec = _load("serve.yaml")
+    ServeDeploySchema.parse_obj(spec)
+    [app] = spec["applications"]
+    module, _, name = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    model = _save_model(str(tmp_path / "fused"), "add", tiny_bert)
+    deployment = builder({**app["args"], "bertram": model})._bound_deployment  # (Serve has no public accessor)
+    assert deployment.ray_actor_options["num_gpus"] == app["args"]["gpus_per_replica"]
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (app["args"]["min_replicas"], app["args"]["max_replicas"])
+    assert "credential" not in yaml.safe_dump(app.get("runtime_env", {})).lower()

@@ -252,23 +252,23 @@ def test_a_killed_replica_is_replaced_and_the_service_answers_again(server):
     assert answered[0] == 200 and len(answered[1]["vectors"][0]["vector"]) == 32
 
 
-def test_a_model_that_cannot_be_loaded_fails_the_deployment_in_one_line_without_its_credentials(ray_local, models):
+def test_a_model_that_cannot_be_loaded_fails_the_deployment_in_one_line_without_its_credentials(
+        server, ray_local, models):
     from ray import serve
 
     from jobs.serve import _deployment_error
 
     secret = "s3cr3tPassw0rdXYZ"
     uri = f"https://user:{secret}@127.0.0.1:9/bertram/fused"
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
+    try:  # beside the running application (the fixture's Serve): it keeps serving
         with pytest.raises(RuntimeError) as caught:
             serve.run(application(ServeSettings(bertram=uri)), name="broken", route_prefix="/broken", blocking=False)
-        line = str(_deployment_error(caught.value))
-        assert "cannot load --bertram https://127.0.0.1:9/bertram/fused" in line and "\n" not in line
+        line = str(_deployment_error(caught.value, "broken"))
+        assert "cannot load --bertram https://127.0.0.1:9/bertram/fused" in line and "\n" not in line, line
         assert secret not in str(caught.value)
     finally:
-        serve.shutdown()
+        serve.delete("broken")
+    assert _request(server, "GET", "/healthz")[0] == 200
     logs = os.path.join(ray_local._private.worker._global_node.get_session_dir_path(), "logs")
     leaks = [os.path.join(d, f) for d, _, files in os.walk(logs) for f in files
              if secret.encode() in open(os.path.join(d, f), "rb").read()]
