@@ -123,8 +123,6 @@ class ServeConfig(ServeSettings):
             raise ConfigError(f"--port must be 1..65535, got {self.port}")
         if not self.route_prefix.startswith("/"):
             raise ConfigError(f"--route_prefix must start with /, got {self.route_prefix!r}")
-        if self.detach and not os.environ.get("RAY_ADDRESS"):
-            raise ConfigError("--detach needs a Ray cluster (RAY_ADDRESS): a local Ray ends with this command")
 
 
 def settings_of(config: ServeSettings) -> dict:
@@ -288,8 +286,11 @@ def serve_model(config: ServeConfig) -> None:
     from jobs.common import connect_ray
     from pipeline.model import saved_config
 
-    model = saved_config(config.bertram)  # one line before Ray starts: no model, a damaged one
     local = not os.environ.get("RAY_ADDRESS")
+    if config.detach and local:
+        raise ConfigError("--detach needs a Ray cluster (RAY_ADDRESS, as in a `ray job submit` job): a local Ray "
+                          "ends with this command")
+    model = saved_config(config.bertram)  # one line before Ray starts: no model, a damaged one
     if local:
         _port_free(config.host, config.port)
     connect_ray(config.num_cpus)

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jobs.cli import JOBS
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 
@@ -23,8 +25,9 @@ CLUSTER = REPO / "cluster"
 # is being built): their commands are not checked. Remove a name once its module lands.
 PLANNED: set[str] = set()
 
-# Places where a `python -m jobs.X` command counts as one a user would run.
-COMMAND_FILES = sorted(CLUSTER.glob("*.yaml")) + sorted(CLUSTER.glob("*.sh")) + [CLUSTER / "README.md"]
+# Places where a `python -m jobs.X` (or `bertram X`) command counts as one a user would run.
+COMMAND_FILES = sorted(CLUSTER.glob("*.yaml")) + sorted(CLUSTER.glob("*.sh")) + [CLUSTER / "README.md",
+                                                                                 REPO / "README.md"]
 
 
 def _load(name: str):
@@ -151,7 +154,8 @@ def test_kuberay_rayjob_has_the_fields_a_rayjob_needs():
 
 # --- (3) every `python -m jobs.X ...` named in cluster/ would start ----------------------------
 
-_COMMAND = re.compile(r"\bpython3? -m jobs\.(\w+)([^`\"\n]*)")
+_COMMAND = re.compile(r"(?:\bpython3? -m jobs\.|(?:^|(?<=[\s`(]))(?:\.venv/bin/)?bertram )(\w+)([^`\"\n]*)",
+                      re.MULTILINE)
 _SHELL_STOP = {"|", "||", "&&", ";", "&", ">", ">>", "2>&1"}
 
 
@@ -159,12 +163,15 @@ def _commands_in(text: str) -> list[tuple[str, list[str]]]:
     text = text.replace("\\\n", " ")
     out = []
     for m in _COMMAND.finditer(text):
+        if not m.group(0).startswith("python") and m.group(1) not in JOBS:
+            continue  # "bertram" in prose, not the command
         args = []
         for tok in shlex.split(m.group(2), comments=True):
             if tok in _SHELL_STOP:
                 break
             args.append(tok)
-        out.append((m.group(1), args))
+        if "--help" not in args:
+            out.append((m.group(1), args))
     return out
 
 
@@ -185,11 +192,14 @@ def _all_commands() -> list[tuple[str, str, list[str]]]:
     found = []
     for path in COMMAND_FILES:
         text = path.read_text()
-        found += [(path.name, mod, args) for mod, args in _commands_in(text)]
+        if path.suffix == ".md":  # the commands of its code blocks (prose names jobs too)
+            text = "\n".join(re.findall(r"^```[a-z]*\n(.*?)^```", text, re.MULTILINE | re.DOTALL))
+        where = str(path.relative_to(REPO))
+        found += [(where, mod, args) for mod, args in _commands_in(text)]
         if path.suffix == ".yaml":
             for doc in yaml.safe_load_all(text):
                 for s in _yaml_strings(doc):
-                    found += [(f"{path.name} (value)", mod, args) for mod, args in _commands_in(s)]
+                    found += [(f"{where} (value)", mod, args) for mod, args in _commands_in(s)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
     printed = subprocess.run(["bash", str(CLUSTER / "local-head.sh"), "--print"], env=env,
                              capture_output=True, text=True, check=True, timeout=60).stdout
@@ -212,8 +222,8 @@ def test_every_jobs_command_in_cluster_files_would_start(monkeypatch):
     monkeypatch.chdir(REPO)  # --config paths are relative to the repository root
     commands = _all_commands()
     where_run = {where for where, mod, _ in commands if mod == "run"}
-    for name in ("kuberay-rayjob.yaml", "kuberay-rayjob.yaml (value)", "aws-gpu.yaml", "README.md",
-                 "local-head.sh --print"):
+    for name in ("cluster/kuberay-rayjob.yaml", "cluster/kuberay-rayjob.yaml (value)", "cluster/aws-gpu.yaml",
+                 "cluster/README.md", "README.md", "local-head.sh --print"):
         assert name in where_run, f"no `python -m jobs.run` command found in {name}"
 
     for planned in PLANNED:
@@ -234,6 +244,7 @@ def test_every_jobs_command_in_cluster_files_would_start(monkeypatch):
         assert isinstance(config, cls)
         checked += 1
     assert checked >= 5
+    assert {"serve", "infer", "preprocess"} <= {mod for where, mod, _ in commands if where == "README.md"}
 
 
 # --- (4) the local-head script ---------------------------------------------------------------

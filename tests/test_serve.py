@@ -94,8 +94,13 @@ def test_limits_and_settings_refuse_what_cannot_work():
         ServeSettings(bertram="m", max_batch_contexts=8)  # below max_contexts_per_word: a word would not fit
     with pytest.raises(ConfigError, match="min_replicas"):
         ServeSettings(bertram="m", min_replicas=3, max_replicas=2)
+
+def test_detach_needs_a_cluster(monkeypatch):
+    from jobs.serve import serve_model
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ConfigError, match="--detach needs a Ray cluster"):
-        ServeConfig(bertram="m", detach=True)
+        serve_model(ServeConfig(bertram="m", detach=True))
 
 
 @pytest.fixture(scope="module")
