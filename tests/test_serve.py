@@ -27,6 +27,7 @@ from pipeline.infer import Inferrer, infer_vectors, load
 from pipeline.serving import BadRequest, Limits, read_request
 from tests.conftest import REPO
 from tests.test_infer_job import _contexts, _save_model
+from tests.test_run_job import ray_head  # noqa: F401 - a fixture: a real local head for ray job submit
 
 APP = "bertram-test"
 
@@ -334,3 +335,23 @@ def test_bertram_serve_answers_curl_and_stops_on_sigterm(models):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_deploys_on_the_cluster_and_detaches(ray_head, models):
+    """The cluster way (cluster/README.md): a job deploys the application with --detach and ends; the
+    application keeps answering until `serve shutdown`."""
+    address, env = ray_head
+    port = _free_port()
+    runtime_env = {"excludes": ["/.venv", "/.cache", "/out", "/.git", ".pytest_cache", "__pycache__", "*.egg-info"]}
+    done = subprocess.run(["ray", "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json",
+                           json.dumps(runtime_env), "--", "python", "-m", "jobs.serve", "--bertram", models["add"],
+                           "--port", str(port), "--detach"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "left running on the cluster" in done.stdout + done.stderr, \
+        done.stdout[-2000:] + done.stderr[-2000:]
+    try:
+        status, answer = _post(port, [{"word": "kumquat", "contexts": _contexts("kumquat", 2)}])
+        assert status == 200 and answer["vectors"][0]["contexts_used"] == 2
+    finally:
+        subprocess.run(["serve", "shutdown", "--address", address, "-y"], env=env, capture_output=True, timeout=120)
