@@ -172,7 +172,7 @@ class VectorServer:
         self.needs_contexts = uses_context(config.mode) and not uses_form(config.mode)
         self.reads_contexts = uses_context(config.mode)
         self.info = {"status": "ok", "model": storage.redact(s.bertram), "mode": config.mode,
-                     "dim": config.output_size, "base_model": config.base_model,
+                     "dim": config.output_size, "base_model": storage.redact(config.base_model),
                      "replica": serve.get_replica_context().replica_tag}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="bertram-infer")  # the model runs off the event loop
         self._batched.set_max_batch_size(s.max_batch_contexts)
