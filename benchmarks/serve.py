@@ -63,7 +63,7 @@ def choose_words(contexts_uri: str, n_words: int, n_contexts: int) -> dict[str, 
     raise SystemExit(f"only {len(chosen)} words have {n_contexts} usable contexts in {contexts_uri}")
 
 
-def run_job(bertram: str, words: dict[str, list[str]], cpus: int, tmp: str) -> tuple[float, dict]:
+def run_job(bertram: str, words: dict[str, list[str]], cpus: int, bf16: bool, tmp: str) -> tuple[float, dict]:
     """jobs.infer on a fresh local Ray (a subprocess, as a user runs it): wall seconds and the vectors."""
     tag = f"job-{len(words)}"
     contexts = Path(tmp, f"{tag}.tsv")
@@ -71,7 +71,7 @@ def run_job(bertram: str, words: dict[str, list[str]], cpus: int, tmp: str) -> t
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = time.time()
     subprocess.run([sys.executable, "-m", "jobs.infer", "--bertram", bertram, "--contexts", str(contexts),
-                    "--output", str(Path(tmp, tag)), "--num_cpus", str(cpus), "--write_text", "false"],
+                    "--output", str(Path(tmp, tag)), "--num_cpus", str(cpus), "--write_text", "false", "--bf16", str(bf16).lower()],
                    cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.time() - started
     table = storage.read_parquet(str(Path(tmp, tag, "vectors.parquet")))
@@ -84,13 +84,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bertram: str, port: int, cpus: int, extra: list[str]) -> tuple[subprocess.Popen, float, str]:
+def start_server(bertram: str, port: int, cpus: int, bf16: bool, extra: list[str]
+                 ) -> tuple[subprocess.Popen, float, str]:
     """`bertram serve` as a subprocess; returns it once it serves, with its start-up seconds and ready line."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = time.time()
     process = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--bertram", bertram, "--port", str(port),
                                 "--num_cpus", str(cpus), "--num_replicas", str(cpus), "--cpus_per_replica", "1",
-                                *extra], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                "--bf16", str(bf16).lower(), *extra], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     ready = ""
     for line in process.stdout:
@@ -130,7 +131,7 @@ class Client(threading.Thread):
                     self.failures.append(f"{response.status}: {data[:200]!r}")
                     continue
                 self.latencies.append(time.perf_counter() - started)
-                self.answers.append(json.loads(data)["vectors"][0])
+                self.answers.extend(json.loads(data)["vectors"])
             except (OSError, http.client.HTTPException) as exc:
                 self.failures.append(f"{type(exc).__name__}: {exc}")
                 conn.close()
@@ -138,9 +139,10 @@ class Client(threading.Thread):
         conn.close()
 
 
-def load_test(port: int, words: dict[str, list[str]], clients: int, seconds: float) -> dict:
+def load_test(port: int, words: dict[str, list[str]], clients: int, seconds: float, per_request: int) -> dict:
     items = list(words.items())
-    bodies = [json.dumps({"words": [{"word": w, "contexts": cs}]}).encode() for w, cs in items]
+    bodies = [json.dumps({"words": [{"word": w, "contexts": cs} for w, cs in items[i:i + per_request]]}).encode()
+              for i in range(0, len(items) - per_request + 1, per_request)]
     warm = Client(port, bodies[:4], 0)  # one request: every replica's first pass is not measured
     warm.run()
     started = time.perf_counter()
@@ -153,8 +155,9 @@ def load_test(port: int, words: dict[str, list[str]], clients: int, seconds: flo
     elapsed = time.perf_counter() - started
     latencies = sorted(x for c in pool for x in c.latencies)
     failures = [f for c in pool for f in c.failures]
-    return {"clients": clients, "requests": len(latencies) + len(failures), "failed": len(failures),
-            "failures": failures[:3], "seconds": elapsed, "words_per_s": len(latencies) / elapsed,
+    return {"clients": clients, "per_request": per_request, "requests": len(latencies) + len(failures),
+            "failed": len(failures), "failures": failures[:3], "seconds": elapsed,
+            "words_per_s": len(latencies) * per_request / elapsed,
             "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * float(np.percentile(latencies, 99)),
             "answers": {a["word"]: a["vector"] for c in pool for a in c.answers}}
 
@@ -169,32 +172,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bertram", default="out/demo-s3/run/fused", help="trained BERTRAM model (%(default)s)")
     parser.add_argument("--contexts_from", default="out/demo-s3/run/preprocessed",
                         help="jobs.preprocess output the words and contexts come from (%(default)s)")
-    parser.add_argument("--words", type=int, default=128, help="number of words (%(default)s)")
+    parser.add_argument("--words", type=int, default=2048, help="number of words (%(default)s)")
     parser.add_argument("--contexts", type=int, default=2, help="contexts per word (%(default)s)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of each side: actors / replicas (%(default)s)")
     parser.add_argument("--clients", default="1,8,32", help="concurrent clients per load level (%(default)s)")
-    parser.add_argument("--seconds", type=float, default=30, help="seconds per load level (%(default)s)")
+    parser.add_argument("--words_per_request", default="1", help="words per request, one load test each (%(default)s)")
+    parser.add_argument("--seconds", type=float, default=20, help="seconds per load level (%(default)s)")
+    parser.add_argument("--bf16", default="true", choices=["true", "false"],
+                        help="bf16 autocast on both sides, where the CPU has bf16 units (%(default)s: both defaults)")
+    parser.add_argument("--no_job", action="store_true", help="skip jobs.infer (server settings sweeps)")
     parser.add_argument("--serve_args", default="", help="more `bertram serve` flags, e.g. '--batch_wait_s 0.02'")
     parser.add_argument("--report", default="benchmarks/results/serve.md", help="markdown file to write")
     args = parser.parse_args(argv)
 
     words = choose_words(args.contexts_from, args.words, args.contexts)
-    with tempfile.TemporaryDirectory() as tmp:
-        say(f"jobs.infer, 2 words (start-up), load {loadavg()}")
-        start_up, _ = run_job(args.bertram, dict(list(words.items())[:2]), args.cpus, tmp)
-        say(f"jobs.infer, {len(words)} words, load {loadavg()}")
-        job_s, job_vectors = run_job(args.bertram, words, args.cpus, tmp)
+    bf16 = args.bf16 == "true"
+    start_up = job_s = float("nan")
+    job_vectors: dict = {}
+    if not args.no_job:
+        with tempfile.TemporaryDirectory() as tmp:
+            say(f"jobs.infer, 2 words (start-up), load {loadavg()}")
+            start_up, _ = run_job(args.bertram, dict(list(words.items())[:2]), args.cpus, bf16, tmp)
+            say(f"jobs.infer, {len(words)} words, load {loadavg()}")
+            job_s, job_vectors = run_job(args.bertram, words, args.cpus, bf16, tmp)
     job_rate = len(words) / job_s
     steady = (len(words) - 2) / (job_s - start_up) if job_s > start_up else float("nan")
 
     port = free_port()
     say(f"bertram serve on 127.0.0.1:{port}, load {loadavg()}")
-    process, serve_start, ready = start_server(args.bertram, port, args.cpus, args.serve_args.split())
+    process, serve_start, ready = start_server(args.bertram, port, args.cpus, bf16, args.serve_args.split())
     levels, served = [], {}
     try:
-        for clients in [int(c) for c in args.clients.split(",")]:
-            say(f"{clients} clients for {args.seconds:.0f} s, load {loadavg()}")
-            level = load_test(port, words, clients, args.seconds)
+        for clients, per_request in [(int(c), int(k)) for k in args.words_per_request.split(",")
+                                     for c in args.clients.split(",")]:
+            say(f"{clients} clients, {per_request} words per request, for {args.seconds:.0f} s, load {loadavg()}")
+            level = load_test(port, words, clients, args.seconds, per_request)
             served.update(level.pop("answers"))
             levels.append(level)
             say(f"  {level['words_per_s']:.1f} words/s, p50 {level['p50_ms']:.0f} ms, p99 {level['p99_ms']:.0f} ms, "
@@ -202,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)
-    worst = min(cosine(served[w], job_vectors[w]) for w in served)
+    worst = min((cosine(served[w], job_vectors[w]) for w in served if w in job_vectors), default=float("nan"))
 
     command = "python benchmarks/serve.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
@@ -210,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Command: `{command}`", "",
         f"Machine: {os.cpu_count()} cores, {platform.platform()}, CPU; the clients share the cores with the "
         f"server. Model `{args.bertram}`; {len(words)} words x {args.contexts} contexts from "
-        f"`{args.contexts_from}`; {args.cpus} CPUs on each side.", "",
+        f"`{args.contexts_from}`; {args.cpus} CPUs on each side; bf16 autocast {args.bf16}.", "",
         "| run | words/s | vs jobs.infer steady | p50 ms | p99 ms | failed / requests |",
         "|---|---:|---:|---:|---:|---:|",
         f"| jobs.infer, {len(words)} words end to end ({job_s:.1f} s) | {job_rate:.1f} | {job_rate / steady:.2f}x "
@@ -219,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         "| | | |",
     ]
     for level in levels:
-        lines.append(f"| serve, {level['clients']} client{'s' if level['clients'] > 1 else ''}, one word per request "
+        lines.append(f"| serve, {level['clients']} client{'s' if level['clients'] > 1 else ''}, "
+                     f"{level['per_request']} word{'s' if level['per_request'] > 1 else ''} per request "
                      f"| {level['words_per_s']:.1f} | {level['words_per_s'] / steady:.2f}x | {level['p50_ms']:.0f} | "
                      f"{level['p99_ms']:.0f} | {level['failed']} / {level['requests']} |")
     lines += ["", f"Server start-up (process start to serving, Ray included): {serve_start:.1f} s ({ready}).",

@@ -190,7 +190,10 @@ def pieces_without_own_token(tokenizer, words: list[str]) -> list[list[int] | No
 
     from tokenizers import Tokenizer
 
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), type(tokenizer).__name__)
+    if key not in _SPECS:  # parsed once per tokenizer (~20 ms): a server asks for a few words at a time
+        _SPECS[key] = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec = dict(_SPECS[key])
     spec["padding"] = spec["truncation"] = None
     kind = spec["model"]["type"]
     if kind not in ("WordPiece", "BPE", "Unigram"):
@@ -255,6 +258,7 @@ def word_pieces(tokenizer, words: list[str]) -> list[list[int]]:
 
 
 _PIECES_CACHE: dict[tuple[str, int], dict[str, list[int]]] = {}
+_SPECS: dict[tuple[str, int, str], dict] = {}
 
 
 def self_check_words(single: list[str], tokenizer, n: int, seed: int) -> tuple[list[str], list[list[int]]]:
