@@ -35,32 +35,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path[:0] = [p for p in (str(REPO), str(REPO / "benchmarks")) if p not in sys.path]
 
 import numpy as np  # noqa: E402
 
-from pipeline import infer, storage  # noqa: E402
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def choose_words(contexts_uri: str, n_words: int, n_contexts: int) -> dict[str, list[str]]:
-    """The first `n_words` words with at least `n_contexts` usable contexts, and their first `n_contexts`."""
-    chosen = {}
-    for word, contexts in infer.read_contexts(contexts_uri).items():
-        usable = infer.usable_contexts(word, contexts, n_contexts)
-        if len(usable) == n_contexts:
-            chosen[word] = usable
-            if len(chosen) == n_words:
-                return chosen
-    raise SystemExit(f"only {len(chosen)} words have {n_contexts} usable contexts in {contexts_uri}")
+from infer import choose_words, loadavg, say  # noqa: E402  (benchmarks/infer.py)
+from pipeline import storage  # noqa: E402
 
 
 def run_job(bertram: str, words: dict[str, list[str]], cpus: int, bf16: bool, tmp: str) -> tuple[float, dict]:
