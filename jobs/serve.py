@@ -10,7 +10,8 @@ as a whole word; a form model needs no contexts). `GET /healthz` answers the mod
 A bad request is a 4xx with {"error": "<one line>"} and never reaches the model (pipeline/serving.py);
 the limits are the `max_*` flags. The words of concurrent requests are batched on each replica
 (`serve.batch`, up to --max_batch_contexts contexts per forward pass) and inferred by the function
-`jobs.infer` uses (`pipeline.infer.Inferrer`): the same word and contexts give the same vector.
+`jobs.infer` uses (`pipeline.infer.Inferrer`): the same word and contexts give the same vector (exactly
+in float32; under bf16 autocast the other words of a forward pass move it slightly, cosine >= 0.9997).
 
 Replicas: --num_replicas, or autoscaling between --min_replicas and --max_replicas; each holds
 --cpus_per_replica CPUs and --gpus_per_replica GPUs and loads the model once. Without RAY_ADDRESS a
