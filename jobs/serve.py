@@ -159,6 +159,7 @@ class VectorServer:
 
         self.settings = ServeSettings(**settings)
         s = self.settings
+        self.limits = s.limits
         device = "cuda" if s.gpus_per_replica > 0 else "cpu"
         try:
             with storage.secrets_scrubbed():
@@ -192,7 +193,7 @@ class VectorServer:
                 raise BadRequest(f"no {path}: POST /vectors (the vectors of words) or GET /healthz", status=404)
             if request.method != "POST":
                 raise BadRequest(f"{request.method} /vectors: use POST with a JSON body", status=405)
-            items = read_request(await self._body(request), self.settings.limits, self.needs_contexts,
+            items = read_request(await self._body(request), self.limits, self.needs_contexts,
                                  self.reads_contexts)
         except BadRequest as exc:
             return _json({"error": str(exc)}, exc.status)
@@ -201,19 +202,19 @@ class VectorServer:
     async def vectors(self, request: dict) -> dict:
         """The Python handle's call: `request` as the JSON body of POST /vectors, the answer as its JSON; a bad
         request raises BadRequest (a ValueError's kin: storage.UserError) with the HTTP answer's line."""
-        items = read_words(request, self.settings.limits, self.needs_contexts, self.reads_contexts)
+        items = read_words(request, self.limits, self.needs_contexts, self.reads_contexts)
         return answer(items, await self._infer(items))
 
     async def _body(self, request) -> bytes:
-        limit = self.settings.max_request_bytes
+        limit = self.limits.max_request_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise too_large(int(declared), self.settings.limits)
+            raise too_large(int(declared), self.limits)
         body = bytearray()
         async for chunk in request.stream():  # read up to the limit, never the whole of a huge body
             body += chunk
             if len(body) > limit:
-                raise too_large(None, self.settings.limits)
+                raise too_large(None, self.limits)
         return bytes(body)
 
     async def _infer(self, items: list[tuple[str, list[str], int]]):

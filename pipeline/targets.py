@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.ota import OtaSettings, is_byte_level, approximate, piece_ids
+from pipeline.ota import OtaSettings, approximate, is_byte_level, piece_ids, tokenizer_key
 
 TARGETS_SCHEMA = pa.schema([("word", pa.string()), ("vector", pa.list_(pa.float32())), ("source", pa.string()),
                             ("ota_loss", pa.float32())])
@@ -190,7 +190,7 @@ def pieces_without_own_token(tokenizer, words: list[str]) -> list[list[int] | No
 
     from tokenizers import Tokenizer
 
-    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), type(tokenizer).__name__)
+    key = tokenizer_key(tokenizer)
     if key not in _SPECS:  # parsed once per tokenizer (~20 ms): a server asks for a few words at a time
         _SPECS[key] = json.loads(tokenizer.backend_tokenizer.to_str())
     spec = dict(_SPECS[key])
@@ -240,7 +240,7 @@ def word_pieces(tokenizer, words: list[str]) -> list[list[int]]:
     the tokenizer keeps it whole, as for a training or held-out word whose row is its target. Unknown-token
     pieces are left out; [] where nothing is left (a BERTRAM model with a pieces part then ignores them).
     Memoised per tokenizer: training, inference and evaluation ask for the same words again."""
-    cache = _PIECES_CACHE.setdefault((getattr(tokenizer, "name_or_path", ""), len(tokenizer)), {})
+    cache = _PIECES_CACHE.setdefault(tokenizer_key(tokenizer), {})
     todo = [w for w in dict.fromkeys(words) if w not in cache]
     if todo:
         unk = tokenizer.unk_token_id
@@ -257,7 +257,7 @@ def word_pieces(tokenizer, words: list[str]) -> list[list[int]]:
     return [cache[w] for w in words]
 
 
-_PIECES_CACHE: dict[tuple[str, int], dict[str, list[int]]] = {}
+_PIECES_CACHE: dict[tuple[str, int, str], dict[str, list[int]]] = {}
 _SPECS: dict[tuple[str, int, str], dict] = {}
 
 

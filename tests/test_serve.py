@@ -27,7 +27,7 @@ from pipeline.infer import Inferrer, infer_vectors, load
 from pipeline.serving import BadRequest, Limits, read_request
 from tests.conftest import REPO
 from tests.test_infer_job import _contexts, _save_model
-from tests.test_run_job import ray_head  # noqa: F401 - a fixture: a real local head for ray job submit
+from tests.test_run_job import _free_port, ray_head  # noqa: F401 - ray_head: a real local head (a fixture)
 
 APP = "bertram-test"
 
@@ -124,12 +124,6 @@ def test_the_same_word_twice_gets_the_vector_of_its_own_contexts(models):
 
 # ---------------------------------------------------------------------------------------
 # Stage: the application on a local Ray, real HTTP on 127.0.0.1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _request(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 60):
